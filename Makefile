@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine:  `make demo`  and  `make test`.
+# Both create their own virtual environment (.venv) and install pinned-enough dependencies.
+# GPU users: make demo TORCH_SPEC="torch==2.13.0 --index-url <your CUDA wheel index>"
+
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN        := $(VENV)/bin
+STAMP      := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint install clean help
+
+help:
+	@echo "make demo   - install into $(VENV) and run the end-to-end demo (CPU, embedded images)"
+	@echo "make test   - install into $(VENV) (with dev extras) and run lint + the full test suite"
+	@echo "variables   - PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC='$(TORCH_SPEC)'"
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	touch $@
+
+demo: $(STAMP)
+	scripts/netns.sh $(BIN)/sr-pipeline demo
+
+test: $(STAMP)
+	VENV=$(VENV) scripts/test.sh
+
+test-fast: $(STAMP)
+	VENV=$(VENV) scripts/test.sh -m "not slow and not cluster"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,466 @@
+"""Typed configuration: one dataclass per stage, named presets, YAML files and CLI overrides.
+
+Resolution order for every stage is *defaults -> preset -> YAML file -> CLI options*, and the
+result is validated once, so a bad value is reported as one line that names the field (and the
+file it came from) before any work starts. :func:`flatten` turns any config into the flat
+``{"model.n_feats": "192", ...}`` mapping that is logged as MLflow params, so a run's page shows
+every value that shaped it.
+
+Presets bundle a model and a training recipe:
+
+* ``paper``: the seed command of the reference implementation (spec section 4), per scale.
+* ``paper128``: the same with ``n_feats 128`` (the reference's demo.sh).
+* ``tiny``: a CPU-sized DNLAN (F 64, 2 groups) and a minutes-long recipe, for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
+
+from pipeline.console import UserError
+
+SCALES = (2, 3, 4)
+
+
+class ConfigError(UserError):
+    """An invalid configuration value (one line: which field, what was wrong)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage configs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    """DNLAN hyper-parameters, named exactly as the reference's command-line options."""
+
+    scale: int = 2
+    n_resgroups: int = 10
+    n_resblocks: int = 4
+    n_feats: int = 192
+    reduction: int = 2
+    n_hashes: int = 3
+    n_hashlength: int = 7
+    chunk_size: int = 144
+    res_scale: float = 0.1
+    rgb_range: float = 1.0
+
+    def validate(self) -> None:
+        _check_scale(self.scale, "model.scale")
+        for name in ("n_resgroups", "n_resblocks", "n_feats", "reduction", "n_hashes", "chunk_size"):
+            _positive(getattr(self, name), f"model.{name}")
+        if self.n_hashlength < 0:
+            raise ConfigError(f"model.n_hashlength must be >= 0 (0 = automatic), got {self.n_hashlength}")
+        if self.n_feats % self.reduction:
+            raise ConfigError(
+                f"model.n_feats ({self.n_feats}) must be divisible by model.reduction ({self.reduction})"
+            )
+        if self.rgb_range <= 0:
+            raise ConfigError(f"model.rgb_range must be > 0, got {self.rgb_range}")
+
+
+@dataclass
+class PreprocessConfig:
+    """`sr-pipeline preprocess`: DIV2K (or any image folder) to WebDataset shards."""
+
+    data_dir: str | None = None
+    images: str | None = None
+    out: str = ""
+    scales: list[int] = field(default_factory=lambda: [2, 3, 4])
+    crop: int = 480
+    step: int = 240
+    shard_samples: int = 64
+    jobs: int = 0  # 0 = all cores
+    skip_bad: bool = False
+    png_compress_level: int = 1
+
+    def validate(self) -> None:
+        if not self.scales:
+            raise ConfigError("preprocess.scales must name at least one scale")
+        for s in self.scales:
+            _check_scale(s, "preprocess.scales")
+        _positive(self.crop, "preprocess.crop")
+        _positive(self.step, "preprocess.step")
+        _positive(self.shard_samples, "preprocess.shard_samples")
+        if self.crop % 12:
+            raise ConfigError(f"preprocess.crop must be a multiple of 12 (got {self.crop})")
+        if self.jobs < 0:
+            raise ConfigError(f"preprocess.jobs must be >= 0 (0 = all cores), got {self.jobs}")
+        if not 0 <= self.png_compress_level <= 9:
+            raise ConfigError(f"preprocess.png_compress_level must be in 0..9, got {self.png_compress_level}")
+
+
+@dataclass
+class TrainConfig:
+    """`sr-pipeline train`: recipe, data, scaling, checkpointing and tracking."""
+
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # data
+    shards: str = ""
+    val_shards: str | None = None  # default: the valid split of `shards`
+    val_data: str | None = None  # alternative: a folder of HR images (benchmark layout or plain)
+    patch_size: int = 96  # HR patch side, as the reference's --patch_size
+    augment: bool = True
+    loader_workers: int = 2
+    # optimisation (spec section 4)
+    epochs: int = 1500
+    iters_per_epoch: int = 1000
+    batch_size: int = 16  # global batch across all workers
+    lr: float = 1e-4
+    scale_lr: bool = False  # multiply lr by (global batch / 16) when the user changes the batch
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    milestones: list[int] = field(default_factory=lambda: [300, 600, 900, 1200])
+    gamma: float = 0.5
+    grad_clip: float = 0.0  # max global grad norm; 0 = off
+    ema: float = 0.0  # EMA decay of weights; 0 = off (BasicSR uses 0.999)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 1
+    max_bad_steps: int = 5  # consecutive non-finite losses before the job stops
+    # validation
+    val_every: int = 1  # epochs
+    val_max_images: int = 0  # 0 = all
+    hash_seed: int = 0
+    # scaling (Ray Train ScalingConfig)
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    address: str | None = None
+    # run / fault tolerance / tracking
+    storage_path: str | None = None
+    run_name: str | None = None
+    resume: bool = False
+    max_failures: int = 0
+    keep_checkpoints: int = 2
+    experiment: str = "dnlan"
+    tracking_uri: str | None = None
+    register_model: bool = True
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        self.model.validate()
+        for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_every"):
+            _positive(getattr(self, name), name)
+        if self.loader_workers < 0:
+            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.patch_size % self.model.scale:
+            raise ConfigError(
+                f"patch_size ({self.patch_size}) must be divisible by the scale ({self.model.scale})"
+            )
+        if self.batch_size < self.workers:
+            raise ConfigError(
+                f"batch_size is the global batch ({self.batch_size}); it must be >= workers ({self.workers})"
+            )
+        if self.lr <= 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.ema < 1:
+            raise ConfigError(f"ema must be in [0, 1), got {self.ema}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            raise ConfigError("cpus_per_worker and gpus_per_worker must be >= 0")
+        if self.max_failures < -1:
+            raise ConfigError(f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
+        _positive(self.keep_checkpoints, "keep_checkpoints")
+        if any(m <= 0 for m in self.milestones) or list(self.milestones) != sorted(self.milestones):
+            raise ConfigError(f"milestones must be increasing positive epochs, got {self.milestones}")
+
+    @property
+    def per_worker_batch(self) -> int:
+        """Per-worker batch; the global batch is split as evenly as possible (ceil)."""
+        return -(-self.batch_size // self.workers)
+
+
+@dataclass
+class EvalConfig:
+    """`sr-pipeline evaluate`: the standard benchmark protocol (spec section 5)."""
+
+    preset: str = "paper"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Literal["dnlan", "bicubic"] = "dnlan"
+    checkpoint: str | None = None
+    run_id: str | None = None
+    data_dir: str | None = None
+    benchmarks: list[str] = field(default_factory=lambda: ["Set5", "Set14", "B100", "Urban100", "Manga109"])
+    scales: list[int] = field(default_factory=lambda: [2, 3, 4])
+    tiling: Literal["none", "reference", "overlap"] = "reference"
+    tile: int = 96  # LR pixels, overlap tiling
+    tile_overlap: int = 16  # LR pixels, overlap tiling
+    self_ensemble: bool = False
+    hash: Literal["fixed", "stochastic"] = "fixed"
+    hash_seed: int = 0
+    repeats: int = 1
+    save_images: bool = False
+    out: str | None = None
+    json_path: str | None = None
+    tracking_uri: str | None = None
+    experiment: str = "dnlan-eval"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
+        self.model.validate()
+        if not self.scales:
+            raise ConfigError("scales must name at least one scale")
+        for s in self.scales:
+            _check_scale(s, "scale")
+        _positive(self.tile, "tile")
+        if self.tile_overlap < 0 or 2 * self.tile_overlap >= self.tile:
+            raise ConfigError(
+                f"tile_overlap must be >= 0 and less than half the tile ({self.tile}), got {self.tile_overlap}"
+            )
+        _positive(self.repeats, "repeats")
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets
+# ---------------------------------------------------------------------------------------------
+
+# Values only where they differ from the dataclass defaults (which are the paper's).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "paper128": {"model": {"n_feats": 128}},
+    "tiny": {
+        "model": {"n_resgroups": 2, "n_resblocks": 4, "n_feats": 64},
+        "patch_size": 48,
+        "batch_size": 8,
+        "epochs": 4,
+        "iters_per_epoch": 40,
+        "lr": 4e-4,
+        "milestones": [3],
+        "loader_workers": 1,
+    },
+}
+
+
+def preset_values(name: str, scale: int | None = None) -> dict[str, Any]:
+    """The preset's nested values, for the given scale (presets are defined per scale)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (choose from {', '.join(PRESETS)})")
+    values = _deep_copy(PRESETS[name])
+    values["preset"] = name
+    if scale is not None:
+        values.setdefault("model", {})["scale"] = scale
+    return values
+
+
+def model_config(preset: str = "paper", scale: int = 2, **overrides: Any) -> ModelConfig:
+    """A validated :class:`ModelConfig` from a preset plus reference-named overrides."""
+    values = preset_values(preset, scale).get("model", {})
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
+    if unknown:
+        raise ConfigError(f"unknown model option(s): {', '.join(sorted(unknown))}")
+    values.update(overrides)
+    cfg = from_mapping(ModelConfig, values)
+    cfg.validate()
+    return cfg
+
+
+C = TypeVar("C")
+
+
+def load_config(
+    cls: type[C],
+    preset: str | None = None,
+    yaml_path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> C:
+    """Build a stage config: defaults -> preset -> YAML file -> overrides, then validate.
+
+    ``overrides`` uses dotted keys for nested fields (``"model.n_feats"``); ``None`` values are
+    ignored so unset CLI options do not mask the file or the preset. A YAML file may name its
+    own preset (``preset: tiny``); an explicit ``preset`` argument wins over it.
+    """
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    file_values: dict[str, Any] = {}
+    if yaml_path is not None:
+        file_values = read_yaml(yaml_path)
+    has_preset = any(f.name == "preset" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+    scale = overrides.get("model.scale") or file_values.get("model", {}).get("scale")
+    values: dict[str, Any] = {}
+    chosen = preset or file_values.get("preset")
+    if has_preset:
+        values = preset_values(chosen or "paper", scale)
+        values = _only_fields(cls, values)
+    elif chosen:
+        raise ConfigError(f"{cls.__name__} takes no preset")
+    _deep_update(values, file_values)
+    if preset:
+        values["preset"] = preset
+    for key, value in overrides.items():
+        _set_dotted(values, key, value)
+    source = f" (in {yaml_path})" if yaml_path else ""
+    try:
+        cfg = from_mapping(cls, values)
+        cfg.validate()  # type: ignore[attr-defined]
+    except ConfigError as exc:
+        raise ConfigError(f"{exc}{source}") from None
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{p}:{where} invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: a config file must hold a mapping of option: value")
+    return data
+
+
+def flatten(cfg: Any, prefix: str = "") -> dict[str, str]:
+    """Flat ``{"a.b": "value"}`` view of a config, the form MLflow params take."""
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            out.update(flatten(value, key + "."))
+        elif isinstance(value, (list, tuple)):
+            out[key] = ",".join(str(v) for v in value)
+        else:
+            out[key] = "" if value is None else str(value)
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (JSON/YAML-safe) of a config, e.g. to store in a checkpoint."""
+    return dataclasses.asdict(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mapping -> dataclass with type checks
+# ---------------------------------------------------------------------------------------------
+
+
+def from_mapping(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or cls.__name__} must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown option {prefix}{unknown[0]!r} (valid: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(value, hints[name], f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, tp: Any, name: str) -> Any:
+    origin = get_origin(tp)
+    args = get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        return from_mapping(tp, value, prefix=name + ".")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], name)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, args))}; got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace(" ", "").split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{name}[{i}]") for i, v in enumerate(value)]
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(items)
+            if args and len(items) != len(args):
+                raise ConfigError(f"{name} must have {len(args)} values, got {len(items)}")
+            return tuple(_coerce(v, a, name) for v, a in zip(items, args, strict=True))
+        return items
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "yes", "1", "false", "no", "0"}:
+            return value.lower() in {"true", "yes", "1"}
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if tp is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_scale(value: int, name: str) -> None:
+    if value not in SCALES:
+        raise ConfigError(f"{name} must be 2, 3 or 4 (got {value})")
+
+
+def _positive(value: float, name: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _only_fields(cls: Any, values: dict[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def _deep_copy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else (list(v) if isinstance(v, list) else v) for k, v in d.items()}
+
+
+def _deep_update(base: dict[str, Any], new: dict[str, Any]) -> None:
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _deep_update(base[k], v)
+        else:
+            base[k] = v
+
+
+def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = values
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
