@@ -112,6 +112,15 @@ def config_cmd(
         typer.echo(yaml.safe_dump(cfgmod.to_dict(cfg), sort_keys=False).rstrip())
 
 
+# --- stage commands: each stage module adds its commands to `app` via register(app). ---
+# Those modules import only typer and pipeline.config at top level (heavy imports go inside
+# the command functions) so that `sr-pipeline --help` stays instant.
+# [register: preprocess]
+# [register: train]
+# [register: evaluate]
+# [register: ops]
+
+
 def main() -> None:
     try:
         app()

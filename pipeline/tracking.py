@@ -1,0 +1,132 @@
+"""MLflow plumbing shared by `train`, `evaluate`, `demo` and `ui`.
+
+Why a module of its own: every stage must agree on the store (one default, see
+:mod:`pipeline.defaults`), on where artifacts of the embedded store live (so the UI can serve
+them whatever directory it was started from), and on how a flaky tracking server is treated:
+unreachable at start is one clear error; a hiccup during a multi-hour job is retried and
+logged, never fatal.
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline import console, defaults
+from pipeline.console import UserError
+
+T = TypeVar("T")
+
+# Param values MLflow accepts (longer ones are truncated rather than failing the run).
+MAX_PARAM_LEN = 6000
+_SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
+
+
+def resolve_uri(explicit: str | None = None) -> str:
+    """Tracking URI in effect; creates the home directory for the embedded sqlite store."""
+    uri = defaults.tracking_uri(explicit)
+    if defaults.is_default_local_store(uri):
+        defaults.home().mkdir(parents=True, exist_ok=True)
+        defaults.artifact_root().mkdir(parents=True, exist_ok=True)
+    return uri
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when an HTTP tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        if uri.startswith("sqlite:///"):
+            parent = Path(uri[len("sqlite:///") :]).parent
+            if not parent.exists():
+                raise UserError(f"MLflow store {uri}: directory {parent} does not exist")
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            if resp.status != 200:
+                raise UserError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):  # behind authentication: reachable, credentials come from env
+            return
+        raise UserError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
+
+
+def experiment_id(name: str, uri: str) -> str:
+    """Id of experiment `name`, created if needed.
+
+    In the embedded store, artifacts go to ``<home>/mlartifacts/<name>`` (an absolute path),
+    not MLflow's cwd-relative ``./mlruns``, so the UI finds them from anywhere.
+    """
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if defaults.is_default_local_store(uri):
+        location = (defaults.artifact_root() / name).as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def with_retries(fn: Callable[..., T], *args: Any, attempts: int = 5, what: str = "MLflow call", **kwargs: Any) -> T | None:
+    """Call `fn`, retrying with backoff; after the last failure log it and return None.
+
+    Tracking is an observer of training: losing one metric point is better than losing a
+    multi-hour job because the tracking server restarted.
+    """
+    delay = 1.0
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # network errors surface as many exception types
+            if attempt == attempts:
+                console.warn(f"{what} failed after {attempts} attempts, continuing without it: {exc}")
+                return None
+            console.warn(f"{what} failed (attempt {attempt}/{attempts}), retrying in {delay:.0f}s: {exc}")
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    return None
+
+
+def safe_params(params: dict[str, Any]) -> dict[str, str]:
+    """Params ready for MLflow: strings, bounded length, nothing that looks like a secret."""
+    out = {}
+    for key, value in params.items():
+        if any(marker in key.lower() for marker in _SECRET_MARKERS):
+            continue
+        text = "" if value is None else str(value)
+        out[key] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def redact_uri(uri: str) -> str:
+    """Drop user:password from a URI before it is printed or logged."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return uri
+
+
+def run_url(uri: str, experiment: str, run_id: str) -> str | None:
+    """Browser link to a run when the store is served over HTTP."""
+    if uri.startswith(("http://", "https://")):
+        return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+    return None
