@@ -118,7 +118,9 @@ def config_cmd(
 # [register: preprocess]
 # [register: train]
 # [register: evaluate]
-# [register: ops]
+from pipeline.ops import commands as _ops_commands  # noqa: E402
+
+_ops_commands.register(app)
 
 
 def main() -> None:
