@@ -133,11 +133,11 @@ def port_in_use(host: str, port: int) -> str | None:
             sock.bind((host.strip("[]"), port))
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
-                return "already in use"
+                return f"port {port} is already in use"
             if exc.errno == errno.EACCES:
-                return "needs privileges (ports below 1024)"
+                return f"port {port} needs privileges (below 1024)"
             if exc.errno == errno.EADDRNOTAVAIL:
-                return "is not an address of this machine"
+                return f"{host} is not an address of this machine"
             return exc.strerror or str(exc)
     return None
 
@@ -276,7 +276,7 @@ def serve(
     warn_if_exposed(host)
     busy = port_in_use(host, port)
     if busy:
-        raise UserError(f"cannot serve the MLflow UI on {host}:{port}: the port {busy}; choose another with --port")
+        raise UserError(f"cannot serve the MLflow UI on {host}:{port}: {busy}; choose another --port or --host")
     restore = _install_stop_handlers()
     proc: subprocess.Popen | None = None
     try:
