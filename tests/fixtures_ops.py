@@ -232,6 +232,7 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
 
     def shot(name: str) -> None:
         path = shots / f"{name}.png"
+        _close_assistant(page)
         page.screenshot(path=str(path))
         saved.append(path)
 
@@ -239,7 +240,6 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     page.goto(f"{base_url}/#/experiments")
     page.get_by_role("link", name=run.experiment_name, exact=True).click()
     page.wait_for_url(f"**/#/experiments/{run.experiment_id}/**")
-    _close_assistant(page)
 
     # 2. The default experiment page is a GenAI overview: the runs table has its own route.
     page.goto(f"{base_url}/#/experiments/{run.experiment_id}/runs")
@@ -280,3 +280,4 @@ def _close_assistant(page) -> None:
     close = page.get_by_role("button", name="Close", exact=True)
     if close.count() == 1 and close.is_visible():
         close.click()
+        close.wait_for(state="hidden")
