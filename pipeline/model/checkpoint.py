@@ -1,0 +1,358 @@
+"""Checkpoints: our self-describing format and the reference's plain state_dict.
+
+* Our format is a dict ``{"format": "sr-pipeline/dnlan", "format_version": 1,
+  "model_config": {...}, "scale": int, "state_dict": {...}, **extra}``; loading needs no flags.
+* The official format is a plain state_dict. Its architecture is taken from the preset
+  (default ``paper``) plus ``scale`` and overrides; when the caller gives no preset and no
+  overrides it is read from the tensor shapes instead, and the result is announced.
+
+Every load uses ``torch.load(weights_only=True)`` (a pickle that would run code is refused) and
+``strict`` key/shape matching: the reference silently keeps random weights on a mismatch, we
+stop with one line naming the first mismatching key and both shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from pipeline import console
+from pipeline.config import SCALES, ConfigError, ModelConfig, from_mapping, model_config
+from pipeline.console import UserError
+from pipeline.model.dnlan import DIV2K_RGB_MEAN, DNLAN, build_from_config
+
+FORMAT = "sr-pipeline/dnlan"
+FORMAT_VERSION = 1
+# Options that change neither parameter shapes nor values: they may be overridden when loading
+# one of our checkpoints (e.g. evaluating with another chunk size), the others may not.
+RUNTIME_OPTIONS = ("n_hashes", "n_hashlength", "chunk_size")
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing
+# ---------------------------------------------------------------------------------------------
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The DNLAN inside DDP/DataParallel wrappers (their state_dict keys carry ``module.``)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def _cpu_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
+    return OrderedDict((k, v.detach().to("cpu").clone()) for k, v in model.state_dict().items())
+
+
+def _atomic_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            torch.save(obj, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return path
+
+
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.Tensor, torch.dtype,
+          torch.device, torch.Size)
+
+
+def _check_loadable(value: Any, where: str) -> None:
+    """Fail at save time on values ``weights_only`` loading would refuse later."""
+    if isinstance(value, _PLAIN):
+        return
+    if isinstance(value, Mapping):
+        for k, v in value.items():
+            if not isinstance(k, (str, int, float, bool)):
+                raise TypeError(f"checkpoint key {where}[{k!r}] is not a plain str/int key")
+            _check_loadable(v, f"{where}[{k!r}]")
+        return
+    if isinstance(value, (list, tuple, set)):
+        for i, v in enumerate(value):
+            _check_loadable(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"checkpoint value {where} has type {type(value).__name__}, which weights_only loading "
+        "refuses; store tensors, numbers, strings, lists or dicts"
+    )
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
+    """Write our format atomically. ``extra`` holds anything weights_only-loadable."""
+    net = _unwrap(model)
+    if not isinstance(net, DNLAN):
+        raise TypeError(f"save_checkpoint expects a DNLAN model, got {type(net).__name__}")
+    reserved = {"format", "format_version", "model_config", "scale", "state_dict"} & set(extra)
+    if reserved:
+        raise TypeError(f"extra keys clash with the checkpoint format: {', '.join(sorted(reserved))}")
+    _check_loadable(extra, "extra")
+    payload: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model_config": dataclasses.asdict(net.config),
+        "scale": int(net.config.scale),
+        "state_dict": _cpu_state_dict(net),
+    }
+    payload.update(extra)
+    return _atomic_save(payload, path)
+
+
+def export_state_dict(path: str | Path, model: nn.Module) -> Path:
+    """A plain state_dict file (the reference's checkpoint format), written atomically."""
+    net = _unwrap(model)
+    if not isinstance(net, DNLAN):
+        raise TypeError(f"export_state_dict expects a DNLAN model, got {type(net).__name__}")
+    return _atomic_save(_cpu_state_dict(net), path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = text[0] if text else type(exc).__name__
+    return " ".join(first.split())[:300]
+
+
+def _torch_load(path: Path) -> Any:
+    if not path.exists():
+        raise UserError(f"{path}: checkpoint not found")
+    if not path.is_file():
+        raise UserError(f"{path}: not a checkpoint file (it is a directory or special file)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for bad files; all mean "unreadable"
+        text = str(exc)
+        if "weights_only" in text or "Weights only load failed" in text:
+            raise UserError(
+                f"{path}: refused to load: the file contains pickled objects that are not plain "
+                f"weights (possibly code); only tensors and plain data are accepted "
+                f"({_one_line(exc)})"
+            ) from None
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_one_line(exc)}"
+        ) from None
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint as a dict: ours as stored, an official one as ``{"state_dict": ...}``."""
+    path = Path(path)
+    obj = _torch_load(path)
+    if isinstance(obj, Mapping) and obj.get("format") == FORMAT:
+        version = obj.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise UserError(
+                f"{path}: checkpoint format version {version!r} is newer than this sr-pipeline "
+                f"supports ({FORMAT_VERSION}); upgrade sr-pipeline"
+            )
+        for key in ("model_config", "scale", "state_dict"):
+            if key not in obj:
+                raise UserError(f"{path}: damaged sr-pipeline checkpoint: no {key!r} entry")
+        if not _is_state_dict(obj["state_dict"]):
+            raise UserError(f"{path}: damaged sr-pipeline checkpoint: 'state_dict' holds no tensors")
+        return dict(obj)
+    if _is_state_dict(obj):
+        return {"state_dict": OrderedDict(obj)}
+    kind = type(obj).__name__
+    raise UserError(
+        f"{path}: not a DNLAN checkpoint (found a {kind} that is neither an sr-pipeline "
+        "checkpoint nor a plain state_dict of tensors)"
+    )
+
+
+def _strip_module_prefix(state: Mapping[str, Tensor]) -> Mapping[str, Tensor]:
+    if state and all(k.startswith("module.") for k in state):
+        return OrderedDict((k[len("module."):], v) for k, v in state.items())
+    return state
+
+
+def _shape(t: Tensor | None) -> str:
+    return "absent" if t is None else str(tuple(t.shape))
+
+
+def first_mismatch(expected: Mapping[str, Tensor], found: Mapping[str, Tensor]) -> str | None:
+    """Describe the first key (in model order, then checkpoint order) that does not match."""
+    for key, ref in expected.items():
+        other = found.get(key)
+        if other is None or tuple(other.shape) != tuple(ref.shape):
+            return (
+                f"first mismatching key {key!r}: shape {_shape(other)} in the checkpoint, "
+                f"{_shape(ref)} in the model"
+            )
+    for key, other in found.items():
+        if key not in expected:
+            return (
+                f"first mismatching key {key!r}: shape {_shape(other)} in the checkpoint, "
+                "absent in the model"
+            )
+    return None
+
+
+def _describe(cfg: ModelConfig) -> str:
+    return (
+        f"scale={cfg.scale} n_feats={cfg.n_feats} n_resgroups={cfg.n_resgroups} "
+        f"n_resblocks={cfg.n_resblocks} reduction={cfg.reduction}"
+    )
+
+
+def load_state_dict_strict(model: DNLAN, state: Mapping[str, Tensor], source: str) -> DNLAN:
+    """Strict load with a one-line error, plus a check that MeanShift matches ``rgb_range``."""
+    state = _strip_module_prefix(state)
+    problem = first_mismatch(model.state_dict(), state)
+    if problem:
+        raise UserError(
+            f"{source}: checkpoint does not fit the model ({_describe(model.config)}): {problem}"
+        )
+    model.load_state_dict(state, strict=True)
+    stored = _rgb_range_of(state)
+    if stored is not None and not math.isclose(stored, model.config.rgb_range, rel_tol=1e-3):
+        raise UserError(
+            f"{source}: checkpoint was made with rgb_range {stored:g} (from sub_mean.bias) but the "
+            f"model config says rgb_range {model.config.rgb_range:g}"
+        )
+    return model
+
+
+def _rgb_range_of(state: Mapping[str, Tensor]) -> float | None:
+    bias = state.get("sub_mean.bias")
+    if bias is None or bias.numel() != 3:
+        return None
+    value = float(-bias[0]) / DIV2K_RGB_MEAN[0]
+    return round(value, 4)
+
+
+def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
+    """Shape-determined options of an official state_dict (n_feats, depth, reduction, scale).
+
+    Runtime options (hashes, chunk size, res_scale) cannot be read from weights; the caller
+    takes them from the ``paper`` preset.
+    """
+    state = _strip_module_prefix(state)
+    try:
+        feats = int(state["head.0.weight"].shape[0])
+        groups = 0
+        while f"body.{groups}.body.0.body.0.weight" in state:
+            groups += 1
+        blocks = 0
+        while f"body.0.body.{blocks}.body.0.weight" in state:
+            blocks += 1
+        match = state[f"body.0.body.{blocks}.conv_match.0.weight"]
+        reduction = feats // int(match.shape[0])
+        up = int(state["tail.0.0.weight"].shape[0])
+        if "tail.0.2.weight" in state:
+            scale = 4
+        elif up == 9 * feats:
+            scale = 3
+        else:
+            scale = 2
+    except (KeyError, IndexError, ZeroDivisionError) as exc:
+        raise UserError(f"not a DNLAN state_dict: expected key {exc} is missing") from None
+    arch: dict[str, Any] = {
+        "n_feats": feats,
+        "n_resgroups": groups,
+        "n_resblocks": blocks,
+        "reduction": reduction,
+        "scale": scale,
+    }
+    rgb = _rgb_range_of(state)
+    if rgb is not None and rgb > 0:
+        arch["rgb_range"] = rgb
+    return arch
+
+
+def _config_from_ours(path: Path, ckpt: Mapping[str, Any], scale: int | None,
+                      overrides: dict[str, Any]) -> ModelConfig:
+    try:
+        stored = from_mapping(ModelConfig, dict(ckpt["model_config"]))
+        stored.validate()
+    except ConfigError as exc:
+        raise UserError(f"{path}: damaged sr-pipeline checkpoint: model_config: {exc}") from None
+    requested = dict(overrides)
+    if scale is not None:
+        requested["scale"] = scale
+    values = dataclasses.asdict(stored)
+    for key, value in requested.items():
+        if key not in values:
+            raise UserError(f"unknown model option {key!r}")
+        if key in RUNTIME_OPTIONS:
+            values[key] = value
+        elif value != values[key]:
+            raise UserError(
+                f"{path}: checkpoint was saved with {key}={values[key]!r}; the requested "
+                f"{key}={value!r} does not match (our checkpoints carry their config: drop the option)"
+            )
+    cfg = from_mapping(ModelConfig, values)
+    cfg.validate()
+    return cfg
+
+
+def _config_from_official(path: Path, state: Mapping[str, Tensor], preset: str | None,
+                          scale: int | None, overrides: dict[str, Any]) -> ModelConfig:
+    try:
+        if preset is None and not overrides:
+            arch = infer_architecture(state)
+            if scale is not None:
+                arch["scale"] = scale  # explicit scale wins; a wrong one fails the strict load
+            if arch["scale"] not in SCALES:
+                arch["scale"] = 2
+            cfg = model_config("paper", **arch)
+            console.info(
+                f"{path}: official state_dict; architecture read from its shapes: "
+                f"{_describe(cfg)} rgb_range={cfg.rgb_range:g} (other options from preset paper)"
+            )
+            return cfg
+        if scale is None:
+            scale = infer_architecture(state)["scale"]
+            console.info(f"{path}: official state_dict; scale x{scale} read from the upsampler")
+        return model_config(preset or "paper", scale, **overrides)
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None
+
+
+def load_checkpoint(path: str | Path, preset: str | None = None, scale: int | None = None,
+                    **overrides: Any) -> DNLAN:
+    """A DNLAN with the checkpoint's weights, in ``stochastic`` hash mode (call set_hash_mode).
+
+    Ours: the config comes from the file; ``preset`` is ignored, ``scale`` and shape-relevant
+    overrides must agree with it, runtime options (n_hashes, n_hashlength, chunk_size) may be
+    overridden. Official: ``preset`` (default ``paper``) + ``scale`` + ``overrides``; with none
+    of preset/overrides given, the architecture is read from the tensor shapes (announced).
+    """
+    path = Path(path)
+    ckpt = read_checkpoint(path)
+    if "format" in ckpt:
+        cfg = _config_from_ours(path, ckpt, scale, overrides)
+    else:
+        cfg = _config_from_official(path, ckpt["state_dict"], preset, scale, overrides)
+    model = build_from_config(cfg)
+    return load_state_dict_strict(model, ckpt["state_dict"], str(path))
