@@ -98,7 +98,9 @@ class DNLAN(nn.Module):
     built over trainable parameters skip it, which is what Adam effectively did to it anyway.
     """
 
-    _ddp_params_and_buffers_to_ignore = ("a",)
+    # DDP matches this list against "a" in one place and f"{module_name}.{name}" (".a" for the
+    # root module) when it builds its reducer (torch 2.x), so both spellings are listed.
+    _ddp_params_and_buffers_to_ignore = ("a", ".a")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
