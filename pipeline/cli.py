@@ -115,7 +115,9 @@ def config_cmd(
 # --- stage commands: each stage module adds its commands to `app` via register(app). ---
 # Those modules import only typer and pipeline.config at top level (heavy imports go inside
 # the command functions) so that `sr-pipeline --help` stays instant.
-# [register: preprocess]
+from pipeline.preprocess import commands as _preprocess_commands  # noqa: E402
+
+_preprocess_commands.register(app)
 # [register: train]
 # [register: evaluate]
 from pipeline.ops import commands as _ops_commands  # noqa: E402

@@ -69,8 +69,10 @@ class ModelConfig:
 class PreprocessConfig:
     """`sr-pipeline preprocess`: DIV2K (or any image folder) to WebDataset shards."""
 
-    data_dir: str | None = None
-    images: str | None = None
+    data_dir: str | None = None  # DIV2K layout: DIV2K_train_HR/ (train) and DIV2K_valid_HR/ (valid)
+    images: str | None = None  # any folder of images: the train split
+    valid_images: str | None = None  # with `images`: a folder of images for the valid split
+    holdout: int = 0  # with `images`: move the last N images (by name) to the valid split
     out: str = ""
     scales: list[int] = field(default_factory=lambda: [2, 3, 4])
     crop: int = 480
@@ -85,11 +87,18 @@ class PreprocessConfig:
             raise ConfigError("preprocess.scales must name at least one scale")
         for s in self.scales:
             _check_scale(s, "preprocess.scales")
+        if len(set(self.scales)) != len(self.scales):
+            raise ConfigError(f"preprocess.scales has duplicates: {self.scales}")
         _positive(self.crop, "preprocess.crop")
         _positive(self.step, "preprocess.step")
         _positive(self.shard_samples, "preprocess.shard_samples")
         if self.crop % 12:
             raise ConfigError(f"preprocess.crop must be a multiple of 12 (got {self.crop})")
+        # Sub-image origins are multiples of `step`; LR crops start at origin / scale.
+        if self.step % 12:
+            raise ConfigError(f"preprocess.step must be a multiple of 12 so LR crops align (got {self.step})")
+        if self.holdout < 0:
+            raise ConfigError(f"preprocess.holdout must be >= 0, got {self.holdout}")
         if self.jobs < 0:
             raise ConfigError(f"preprocess.jobs must be >= 0 (0 = all cores), got {self.jobs}")
         if not 0 <= self.png_compress_level <= 9:

@@ -58,10 +58,16 @@ def read_image(path: str | Path, keep_gray: bool = False) -> tuple[np.ndarray, s
         raise UserError(f"{p}: is a directory, not an image")
     try:
         with Image.open(p) as img:
+            # Pillow silently keeps only the high byte of 48/64-bit PNGs and reports mode RGB(A);
+            # the raw mode of the undecoded tile is the only place the bit depth shows.
+            wide = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or []))
             img.load()
             if keep_gray and img.mode == "L":
                 return np.asarray(img, dtype=np.uint8).copy(), None
-            return to_uint8_rgb(img, p)
+            array, note = to_uint8_rgb(img, p)
+            if wide and note is None:
+                note = f"16-bit {img.mode} converted to 8-bit RGB"
+            return array, note
     except UnidentifiedImageError:
         raise UserError(f"{p}: not an image file (or an unsupported format)") from None
     except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for truncated/corrupt data

@@ -1,0 +1,144 @@
+"""``manifest.json``: the index of a shard directory, read by the train stage.
+
+The manifest is written last and atomically, so its presence means every shard it lists was
+complete when it was written; readers get per-shard sample counts without opening any tar.
+:func:`read_manifest` validates the structure (and that shard names cannot point outside the
+directory) so a hand-edited or truncated file fails with one line instead of deep in a loader.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from pipeline.console import UserError
+
+MANIFEST = "manifest.json"
+FORMAT = "sr-pipeline/shards"
+FORMAT_VERSION = 1
+SPLITS = ("train", "valid")
+SHARD_RE = re.compile(r"^div2k-(train|valid)-(\d{6})\.tar$")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"div2k-{split}-{index:06d}.tar"
+
+
+def manifest_path(out_dir: str | Path) -> Path:
+    return Path(out_dir) / MANIFEST
+
+
+def _fail(path: Path, problem: str) -> UserError:
+    return UserError(f"{path}: {problem}")
+
+
+def validate_manifest(data: Any, path: Path) -> dict[str, Any]:
+    """Check the structure described in notes/contracts.md; return the data unchanged."""
+    if not isinstance(data, dict):
+        raise _fail(path, "not a shard manifest (expected a JSON object)")
+    if data.get("format") != FORMAT:
+        raise _fail(path, f"not a shard manifest (format is {data.get('format')!r}, expected {FORMAT!r})")
+    if data.get("format_version") != FORMAT_VERSION:
+        raise _fail(path, f"unsupported manifest format_version {data.get('format_version')!r} (this version reads {FORMAT_VERSION})")
+    for field in ("dataset", "created", "package_version"):
+        if not isinstance(data.get(field), str):
+            raise _fail(path, f"manifest field {field!r} missing or not a string")
+    if not isinstance(data.get("params"), dict):
+        raise _fail(path, "manifest field 'params' missing")
+    splits = data.get("splits")
+    if not isinstance(splits, dict) or set(splits) != set(SPLITS):
+        raise _fail(path, f"manifest 'splits' must have exactly {', '.join(SPLITS)}")
+    for split, info in splits.items():
+        if not isinstance(info, dict):
+            raise _fail(path, f"split {split!r} is not an object")
+        for field in ("images", "samples"):
+            if not isinstance(info.get(field), int) or info[field] < 0:
+                raise _fail(path, f"split {split!r}: {field!r} must be a non-negative integer")
+        shards = info.get("shards")
+        if not isinstance(shards, list):
+            raise _fail(path, f"split {split!r}: 'shards' must be a list")
+        total = 0
+        for i, shard in enumerate(shards):
+            if not isinstance(shard, dict):
+                raise _fail(path, f"split {split!r}: shard {i} is not an object")
+            name = shard.get("name")
+            m = SHARD_RE.match(name) if isinstance(name, str) else None
+            if m is None or m.group(1) != split:
+                raise _fail(path, f"split {split!r}: bad shard name {name!r}")
+            if not isinstance(shard.get("samples"), int) or shard["samples"] <= 0:
+                raise _fail(path, f"{name}: 'samples' must be a positive integer")
+            if not isinstance(shard.get("bytes"), int) or shard["bytes"] <= 0:
+                raise _fail(path, f"{name}: 'bytes' must be a positive integer")
+            sha = shard.get("sha256")
+            if not isinstance(sha, str) or not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise _fail(path, f"{name}: 'sha256' must be 64 hex digits")
+            total += shard["samples"]
+        if total != info["samples"]:
+            raise _fail(path, f"split {split!r}: shards hold {total} samples but 'samples' says {info['samples']}")
+    skipped = data.get("skipped")
+    if not isinstance(skipped, list) or not all(
+        isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("error"), str) for s in skipped
+    ):
+        raise _fail(path, "manifest 'skipped' must be a list of {file, error}")
+    return data
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """The validated manifest of a shard directory; UserError if missing or corrupt."""
+    path = manifest_path(out_dir)
+    if not Path(out_dir).is_dir():
+        raise UserError(f"{out_dir}: shard folder not found")
+    if not path.is_file():
+        raise UserError(
+            f"{path}: not found (preprocessing never finished here; run `sr-pipeline preprocess --out {out_dir}`)"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise _fail(path, "corrupt manifest (not UTF-8 text)") from None
+    except json.JSONDecodeError as exc:
+        raise _fail(path, f"corrupt manifest (invalid JSON at line {exc.lineno} column {exc.colno})") from None
+    except OSError as exc:
+        raise _fail(path, f"cannot read ({exc.strerror})") from None
+    return validate_manifest(data, path)
+
+
+def shard_paths(out_dir: str | Path, split: str) -> list[Path]:
+    """Absolute paths of a split's shards, in manifest order; UserError if any is missing."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    manifest = read_manifest(out_dir)
+    root = Path(out_dir).resolve()
+    paths = [root / s["name"] for s in manifest["splits"][split]["shards"]]
+    for p in paths:
+        if not p.is_file():
+            raise UserError(f"{p}: shard listed in {MANIFEST} is missing (rerun `sr-pipeline preprocess` to restore it)")
+    return paths
+
+
+def verify_shards(out_dir: str | Path) -> tuple[int, int, list[str]]:
+    """Re-hash every shard against the manifest: (shards checked, bytes, problems)."""
+    from pipeline.console import progress_bar
+    from pipeline.preprocess.tarwriter import sha256_file
+
+    manifest = read_manifest(out_dir)
+    root = Path(out_dir)
+    entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
+    problems: list[str] = []
+    total = 0
+    with progress_bar("verify", total=len(entries), unit="shard") as bar:
+        for entry in entries:
+            path = root / entry["name"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+            else:
+                sha, size = sha256_file(path)
+                total += size
+                if size != entry["bytes"]:
+                    problems.append(f"{path}: size {size} bytes, manifest says {entry['bytes']}")
+                elif sha != entry["sha256"]:
+                    problems.append(f"{path}: sha256 mismatch (corrupt or modified)")
+            bar.advance()
+    return len(entries), total, problems

@@ -1,0 +1,524 @@
+"""`sr-pipeline preprocess`: images -> sub-image samples -> equal-size WebDataset shards.
+
+How it stays correct when interrupted
+-------------------------------------
+Each split is one deterministic stream: images in name order, each image's samples in raster
+order, skipping bad images (with ``--skip-bad``). Shard ``k`` holds samples
+``k * shard_samples ...`` of that stream, so the assignment never depends on timing or on the
+number of worker processes. Workers only decode/resize/encode; the parent consumes their
+results in order and is the only writer.
+
+A shard is written under a temporary name and renamed when complete (:mod:`.tarwriter`). After
+each rename the parent appends one line to ``.preprocess-journal.jsonl``: the shard's name,
+sha256, and the stream positions where it starts and ends (image index, sample offset). Each
+image's outcome (sample count, bad-file error, conversion note) is journaled as it is consumed.
+The journal's first line is a fingerprint of every parameter and input file (name, size,
+mtime) plus the package version; a rerun trusts it only if that matches.
+
+A rerun then keeps every journaled shard whose file still hashes to the journaled sha256,
+regenerates journaled shards that are missing or damaged from their recorded positions, and
+continues the stream after the last journaled shard. Output is byte-identical to an
+uninterrupted run because sample bytes and tar headers are deterministic. ``manifest.json`` is
+written last, atomically; it is removed before the first shard of a changed dataset is written,
+so a manifest never describes shards that are not there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pipeline import __version__, console
+from pipeline.config import PreprocessConfig
+from pipeline.console import UserError
+from pipeline.imageio import atomic_write_bytes
+from pipeline.preprocess import manifest as mf
+from pipeline.preprocess.sources import Inputs, discover, fingerprint
+from pipeline.preprocess.subimages import ImageResult, ImageTask, SampleParams, process_image
+from pipeline.preprocess.tarwriter import (
+    ShardInfo,
+    ShardWriter,
+    fsync_dir,
+    sha256_file,
+    write_error,
+)
+
+JOURNAL = ".preprocess-journal.jsonl"
+LOCK = ".preprocess.lock"
+JOURNAL_VERSION = 1
+_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
+
+Pos = tuple[int, int]  # (image index, sample offset within that image)
+
+
+# ---------------------------------------------------------------------------------------------
+# Journal
+# ---------------------------------------------------------------------------------------------
+
+
+class Journal:
+    """Append-only JSON-lines record of finished shards and image outcomes."""
+
+    def __init__(self, out: Path, fp: str) -> None:
+        self.path = out / JOURNAL
+        self.fp = fp
+        self.shards: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "valid": {}}
+        self.images: dict[str, dict[int, dict[str, Any]]] = {"train": {}, "valid": {}}
+        self._f = None
+
+    def load(self) -> bool:
+        """Read a previous journal; False (and nothing loaded) unless its fingerprint matches."""
+        try:
+            lines = self.path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError):
+            return False
+        records = []
+        for line in lines:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a torn last line from a crash; everything before it is valid
+        if not records or records[0].get("type") != "header" or records[0].get("fingerprint") != self.fp:
+            return False
+        for rec in records[1:]:
+            if rec.get("type") == "shard":
+                self.shards[rec["split"]][rec["index"]] = rec
+            elif rec.get("type") == "image":
+                self.images[rec["split"]][rec["index"]] = rec
+        return True
+
+    def open(self, fresh: bool) -> None:
+        try:
+            if fresh:
+                self._f = open(self.path, "w")  # noqa: SIM115 - closed in close()
+                self._write({"type": "header", "version": JOURNAL_VERSION, "fingerprint": self.fp}, sync=True)
+            else:
+                self._f = open(self.path, "a")  # noqa: SIM115
+                # A torn line from a crash would swallow the next record: end it first.
+                if self.path.stat().st_size and not self.path.read_bytes().endswith(b"\n"):
+                    self._f.write("\n")
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def _write(self, rec: dict[str, Any], sync: bool) -> None:
+        assert self._f is not None
+        try:
+            self._f.write(json.dumps(rec, sort_keys=True) + "\n")
+            self._f.flush()
+            if sync:
+                os.fsync(self._f.fileno())
+        except OSError as exc:
+            raise write_error(self.path, exc) from None
+
+    def image(self, res: ImageResult) -> None:
+        rec = {
+            "type": "image", "split": res.split, "index": res.index, "source": res.source,
+            "samples": len(res.samples), "error": res.error, "skipped": res.skipped, "note": res.note,
+        }
+        self.images[res.split][res.index] = rec
+        self._write(rec, sync=False)  # made durable by the next shard record's fsync
+
+    def shard(self, split: str, index: int, info: ShardInfo, start: Pos, end: Pos) -> None:
+        rec = {
+            "type": "shard", "split": split, "index": index, "name": info.name, "samples": info.samples,
+            "bytes": info.bytes, "sha256": info.sha256, "start": list(start), "end": list(end),
+        }
+        self.shards[split][index] = rec
+        self._write(rec, sync=True)
+
+    def close(self) -> None:
+        if self._f is not None:
+            with contextlib.suppress(OSError):
+                self._f.close()
+            self._f = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker pool
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_init(parent: int) -> None:
+    """Workers leave Ctrl-C to the parent (which then cancels cleanly) and exit by themselves if
+    the parent is killed (a pool worker would otherwise wait on its task queue forever)."""
+    import threading
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+@contextlib.contextmanager
+def _pool(jobs: int) -> Iterator[ProcessPoolExecutor]:
+    """Spawned workers with one BLAS thread each: `jobs` processes, not jobs x BLAS threads."""
+    import multiprocessing
+
+    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+    os.environ.update({k: "1" for k in _BLAS_ENV})  # inherited by workers spawned from here on
+    ex = ProcessPoolExecutor(
+        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+        initializer=_worker_init, initargs=(os.getpid(),),
+    )
+    try:
+        yield ex
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _ordered_results(
+    ex: ProcessPoolExecutor, tasks: list[ImageTask], params: SampleParams, window: int
+) -> Iterator[ImageResult]:
+    """Results in task order with at most `window` images in flight (bounded memory)."""
+    pending: dict[int, Future] = {}
+    nxt = 0
+    for i in range(len(tasks)):
+        while nxt < len(tasks) and nxt < i + window:
+            pending[nxt] = ex.submit(process_image, tasks[nxt], params)
+            nxt += 1
+        fut = pending.pop(i)
+        try:
+            yield fut.result()
+        except BrokenProcessPool:
+            raise UserError(
+                f"{tasks[i].path}: a worker process died while preparing this image (out of memory? try fewer --jobs)"
+            ) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Run:
+    cfg: PreprocessConfig
+    out: Path
+    inputs: Inputs
+    params: SampleParams
+    journal: Journal
+    jobs: int
+    skip_bad: bool
+    manifest_removed: bool = False
+    converted: int = 0
+    written: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "valid": []})
+    fresh_images: int = 0
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+
+    def _before_first_write(self) -> None:
+        """A manifest must never describe shards that are being replaced."""
+        if not self.manifest_removed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(mf.manifest_path(self.out))
+            self.manifest_removed = True
+
+    def _consume(self, res: ImageResult) -> None:
+        self.journal.image(res)
+        self.fresh_images += 1
+        if res.error is not None:
+            if not self.skip_bad:
+                raise UserError(res.error)
+            console.warn(f"{res.error} (skipped: --skip-bad)")
+        elif res.skipped is not None:
+            console.warn(res.skipped)
+        elif res.note is not None:
+            self.converted += 1
+            if self.converted == 1:
+                console.warn(f"{res.source}: {res.note} (DIV2K-style data is 8-bit RGB; further conversions are only counted)")
+
+    # -- producing shards ----------------------------------------------------------------------
+
+    def produce(self, ex, split: str, start: Pos, first_index: int, stop: Pos | None, bar) -> None:
+        """Write shards first_index, ... from stream position `start` up to `stop` (exclusive)
+        or, when `stop` is None, to the end of the split (the last shard may be short)."""
+        tasks = self.inputs.tasks[split]
+        n = self.cfg.shard_samples
+        last_img = len(tasks) if stop is None else (stop[0] + 1 if stop[1] else stop[0])
+        todo = tasks[start[0] : last_img]
+        writer: ShardWriter | None = None
+        index, shard_start = first_index, start
+        try:
+            for res in _ordered_results(ex, todo, self.params, window=2 * self.jobs + 2):
+                self._consume(res)
+                bar.advance()
+                count = len(res.samples)
+                lo = start[1] if res.index == start[0] else 0
+                hi = stop[1] if stop is not None and stop[1] and res.index == stop[0] else count
+                for j in range(lo, min(hi, count)):
+                    if writer is None:
+                        self._before_first_write()
+                        writer = ShardWriter(self.out / mf.shard_name(split, index))
+                        shard_start = (res.index, j)
+                    writer.add_sample(res.samples[j][1])
+                    if writer.samples == n:
+                        end = (res.index, j + 1) if j + 1 < count else (res.index + 1, 0)
+                        self._finish(split, index, writer, shard_start, end)
+                        writer, index = None, index + 1
+                res.samples = []  # free the encoded bytes now
+            if writer is not None:
+                if stop is not None:
+                    raise UserError(
+                        f"{self.out}: shard {mf.shard_name(split, index)} could not be rebuilt with its recorded "
+                        "samples (inputs changed?); delete the folder's contents and rerun"
+                    )
+                self._finish(split, index, writer, shard_start, (len(tasks), 0))
+                writer = None
+        finally:
+            if writer is not None:
+                writer.abort()
+
+    def _finish(self, split: str, index: int, writer: ShardWriter, start: Pos, end: Pos) -> None:
+        old = self.journal.shards[split].get(index)
+        info = writer.finish()
+        self.journal.shard(split, index, info, start, end)
+        self.written[split].append(index)
+        if old is not None and old["sha256"] != info.sha256:
+            console.warn(f"{info.name}: rebuilt shard differs from the previous run's bytes (library versions changed?)")
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UserError(f"{out}: output path exists and is not a folder") from None
+    except OSError as exc:
+        raise UserError(f"{out}: cannot create output folder ({exc.strerror})") from None
+    if not out.is_dir():
+        raise UserError(f"{out}: output path exists and is not a folder")
+    probe = out / f".write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: output folder is not writable ({exc.strerror})") from None
+
+
+@contextlib.contextmanager
+def _locked(out: Path) -> Iterator[None]:
+    """One preprocess per output folder: two writers would interleave shards."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, documented
+        yield
+        return
+    try:
+        f = open(out / LOCK, "a")  # noqa: SIM115
+    except OSError as exc:
+        raise write_error(out / LOCK, exc) from None
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{out}: another `sr-pipeline preprocess` is writing here") from None
+        yield
+    finally:
+        f.close()
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM takes the same clean path as Ctrl-C (temporary shard removed, workers stopped)."""
+    if sys.platform == "win32":
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def resolve_jobs(jobs: int) -> int:
+    return jobs if jobs > 0 else _cpu_count()
+
+
+def _valid_journaled(out: Path, journal: Journal, split: str) -> tuple[list[int], list[int]]:
+    """(kept shard indices, journaled shards to rebuild): a shard is kept iff its file hashes
+    to the journaled sha256 (a full re-read: cheap next to regenerating it)."""
+    kept, redo = [], []
+    for index in sorted(journal.shards[split]):
+        rec = journal.shards[split][index]
+        path = out / rec["name"]
+        ok = False
+        if path.is_file() and path.stat().st_size == rec["bytes"]:
+            ok = sha256_file(path)[0] == rec["sha256"]
+        (kept if ok else redo).append(index)
+    return kept, redo
+
+
+def _build_manifest(run: _Run, old_created: str | None) -> dict[str, Any]:
+    splits: dict[str, Any] = {}
+    skipped = []
+    for split in mf.SPLITS:
+        tasks = run.inputs.tasks[split]
+        outcomes = run.journal.images[split]
+        missing = [t.source for t in tasks if t.index not in outcomes]
+        if missing:
+            raise UserError(f"{run.out / JOURNAL}: resume state lacks {missing[0]}; delete that file and rerun")
+        images = sum(1 for t in tasks if outcomes[t.index]["samples"] > 0)
+        for t in tasks:
+            o = outcomes[t.index]
+            if o["error"] or o["skipped"]:
+                skipped.append({"file": t.path, "error": o["error"] or o["skipped"]})
+        shards = [
+            {k: rec[k] for k in ("name", "samples", "bytes", "sha256")}
+            for _, rec in sorted(run.journal.shards[split].items())
+        ]
+        splits[split] = {"images": images, "samples": sum(s["samples"] for s in shards), "shards": shards}
+    return {
+        "format": mf.FORMAT,
+        "format_version": mf.FORMAT_VERSION,
+        "dataset": run.inputs.dataset,
+        "created": old_created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "package_version": __version__,
+        "params": {**run.params.as_dict(), "shard_samples": run.cfg.shard_samples},
+        "inputs": run.inputs.roots,
+        "splits": splits,
+        "skipped": skipped,
+    }
+
+
+def _remove_stale(out: Path, manifest: dict[str, Any]) -> int:
+    """Delete our own shard files that the new manifest does not list (older parameters)."""
+    listed = {s["name"] for split in mf.SPLITS for s in manifest["splits"][split]["shards"]}
+    removed = 0
+    for p in out.iterdir():
+        if mf.SHARD_RE.match(p.name) and p.name not in listed:
+            p.unlink()
+            removed += 1
+    return removed
+
+
+def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
+    """Run (or resume) preprocessing; returns the manifest written to ``cfg.out``."""
+    if not cfg.out:
+        raise UserError("--out is required: the folder that receives the shards and manifest.json")
+    inputs = discover(cfg)
+    if inputs.ignored:
+        first = inputs.ignored[0]
+        more = f" and {len(inputs.ignored) - 1} more" if len(inputs.ignored) > 1 else ""
+        console.warn(f"ignored non-image file {first}{more}")
+    out = Path(cfg.out)
+    _check_writable(out)
+    params = SampleParams(tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level)
+    fp = fingerprint(inputs, {**params.as_dict(), "shard_samples": cfg.shard_samples}, __version__)
+    jobs = resolve_jobs(cfg.jobs)
+    t0 = time.monotonic()
+    with _locked(out), _sigterm_as_interrupt():
+        for p in out.iterdir():  # temp files of a killed run
+            if p.name.startswith(".div2k-") and p.name.endswith(".tar.tmp"):
+                p.unlink()
+        journal = Journal(out, fp)
+        resumed = journal.load()
+        old_manifest = None
+        if resumed:
+            with contextlib.suppress(UserError):
+                old_manifest = mf.read_manifest(out)
+        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad)
+        if not cfg.skip_bad:  # a previous --skip-bad run must not silently pass now
+            for split in mf.SPLITS:
+                for rec in journal.images[split].values():
+                    if rec["error"]:
+                        raise UserError(rec["error"])
+        plan: list[tuple[str, Pos, int, Pos | None]] = []
+        kept_total = 0
+        for split in mf.SPLITS:
+            kept, redo = _valid_journaled(out, journal, split) if resumed else ([], [])
+            kept_total += len(kept)
+            for index in redo:
+                rec = journal.shards[split][index]
+                plan.append((split, tuple(rec["start"]), index, tuple(rec["end"])))
+            last = max(journal.shards[split], default=None)
+            tail_start: Pos = tuple(journal.shards[split][last]["end"]) if last is not None else (0, 0)
+            tail_index = 0 if last is None else last + 1
+            if tail_start[0] < len(inputs.tasks[split]):
+                plan.append((split, tail_start, tail_index, None))
+        n_images = sum((stop[0] + (1 if stop[1] else 0) if stop else len(inputs.tasks[s])) - start[0]
+                       for s, start, _, stop in plan)
+        journal.open(fresh=not resumed)
+        try:
+            if kept_total:
+                console.info(f"resuming: {kept_total} complete shard(s) kept in {out}")
+            if plan:
+                with _pool(jobs) as ex, console.progress_bar("preprocess", total=n_images, unit="img") as bar:
+                    for split, start, index, stop in plan:
+                        run.produce(ex, split, start, index, stop, bar)
+        finally:
+            journal.close()
+        manifest = _build_manifest(run, None)
+        if not plan and old_manifest is not None:
+            same = {k: v for k, v in old_manifest.items() if k != "created"} == {
+                k: v for k, v in manifest.items() if k != "created"}
+            if same:
+                manifest = old_manifest
+        if manifest.get("splits", {}).get("train", {}).get("samples", 0) == 0:
+            raise UserError(f"{next(iter(inputs.roots.values()))}: no usable training images (see the warnings above)")
+        if manifest is not old_manifest:
+            try:
+                atomic_write_bytes(mf.manifest_path(out), (json.dumps(manifest, indent=1) + "\n").encode())
+            except OSError as exc:
+                raise write_error(mf.manifest_path(out), exc) from None
+            fsync_dir(out)
+        removed = _remove_stale(out, manifest)
+    elapsed = time.monotonic() - t0
+    if run.converted > 1:
+        console.info(f"{run.converted} images were converted to 8-bit RGB")
+    if removed:
+        console.info(f"removed {removed} shard(s) left from an earlier run with other settings")
+    tr, va = manifest["splits"]["train"], manifest["splits"]["valid"]
+    rate = f", {run.fresh_images / elapsed:.2f} img/s" if run.fresh_images and elapsed > 0 else ""
+    console.info(
+        f"{out}: train {tr['samples']} samples in {len(tr['shards'])} shards from {tr['images']} images; "
+        f"valid {va['samples']} samples in {len(va['shards'])} shards; "
+        f"{len(manifest['skipped'])} skipped; {elapsed:.1f}s{rate}"
+    )
+    return manifest
+
+
+def verify(out: str | Path) -> int:
+    """`--verify`: re-hash every shard; raises UserError listing the first problem."""
+    count, size, problems = mf.verify_shards(out)
+    for p in problems:
+        console.info(f"bad shard: {p}")
+    if problems:
+        raise UserError(f"{out}: {len(problems)} of {count} shards do not match the manifest (first: {problems[0]})")
+    console.info(f"{out}: all {count} shards match the manifest ({size / 1e6:.1f} MB checked)")
+    return count
+
