@@ -119,7 +119,9 @@ from pipeline.preprocess import commands as _preprocess_commands  # noqa: E402
 
 _preprocess_commands.register(app)
 # [register: train]
-# [register: evaluate]
+from pipeline.evaluate import commands as _evaluate_commands  # noqa: E402
+
+_evaluate_commands.register(app)
 from pipeline.ops import commands as _ops_commands  # noqa: E402
 
 _ops_commands.register(app)

@@ -192,16 +192,23 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """`sr-pipeline evaluate`: the standard benchmark protocol (spec section 5)."""
+    """`sr-pipeline evaluate`: the standard benchmark protocol (spec section 5).
+
+    ``scales`` empty means automatic: the checkpoint's own scale for a model, 2, 3 and 4 for
+    bicubic. ``preset`` and ``model`` only matter for official (plain state_dict) checkpoints;
+    ours carry their config.
+    """
 
     preset: str = "paper"
     model: ModelConfig = field(default_factory=ModelConfig)
     method: Literal["dnlan", "bicubic"] = "dnlan"
     checkpoint: str | None = None
     run_id: str | None = None
+    use_ema: bool = True  # evaluate the EMA weights when the checkpoint holds them
     data_dir: str | None = None
     benchmarks: list[str] = field(default_factory=lambda: ["Set5", "Set14", "B100", "Urban100", "Manga109"])
-    scales: list[int] = field(default_factory=lambda: [2, 3, 4])
+    scales: list[int] = field(default_factory=list)
+    max_images: int = 0  # 0 = all images of each benchmark
     tiling: Literal["none", "reference", "overlap"] = "reference"
     tile: int = 96  # LR pixels, overlap tiling
     tile_overlap: int = 16  # LR pixels, overlap tiling
@@ -210,8 +217,10 @@ class EvalConfig:
     hash_seed: int = 0
     repeats: int = 1
     save_images: bool = False
-    out: str | None = None
+    figure_images: int = 3  # rows of the comparison figure per benchmark and scale
+    out: str | None = None  # folder for CSV, JSON, figures, images (default: under the home)
     json_path: str | None = None
+    mlflow: bool = True
     tracking_uri: str | None = None
     experiment: str = "dnlan-eval"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -220,16 +229,26 @@ class EvalConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         self.model.validate()
-        if not self.scales:
-            raise ConfigError("scales must name at least one scale")
         for s in self.scales:
             _check_scale(s, "scale")
+        if len(set(self.scales)) != len(self.scales):
+            raise ConfigError(f"scale lists a value twice: {self.scales}")
+        if not self.benchmarks:
+            raise ConfigError("benchmarks must name at least one benchmark")
         _positive(self.tile, "tile")
         if self.tile_overlap < 0 or 2 * self.tile_overlap >= self.tile:
             raise ConfigError(
                 f"tile_overlap must be >= 0 and less than half the tile ({self.tile}), got {self.tile_overlap}"
             )
         _positive(self.repeats, "repeats")
+        if self.repeats > 1 and self.hash != "stochastic":
+            raise ConfigError(
+                "repeats > 1 needs hash=stochastic (fixed hashing gives the same number every time)"
+            )
+        if self.max_images < 0:
+            raise ConfigError(f"max_images must be >= 0 (0 = all), got {self.max_images}")
+        if self.figure_images < 0:
+            raise ConfigError(f"figure_images must be >= 0, got {self.figure_images}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,168 @@
+"""Benchmark datasets: the public archive's layout, plain HR folders, and LR generation.
+
+Why this is more than a glob: the standard number depends on which LR an SR method sees. The
+public ``benchmark.tar`` ships MATLAB-made LR images (``LR_bicubic/X{s}/<stem>x{s}.png``); when
+they are absent we make LR with our MATLAB-exact ``imresize`` from HR cropped to a multiple of
+the scale, which reproduces them bit for bit. A shipped LR whose size is not HR/scale means the
+files do not belong together, and is refused rather than silently cropped into a wrong number.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.console import UserError
+from pipeline.evaluate.metrics import crop_to_multiple, match_sizes, rgb_to_gray
+from pipeline.imageio import list_images, read_image
+
+# Canonical names (the SNU archive's exact spelling) and accepted aliases.
+KNOWN_BENCHMARKS = ("Set5", "Set14", "B100", "Urban100", "Manga109")
+_ALIASES = {name.lower(): name for name in KNOWN_BENCHMARKS} | {"bsd100": "B100", "bsds100": "B100"}
+LAYOUT_HINT = "expected DIR/benchmark/<Name>/HR/*.png"
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """One benchmark folder: ``hr_dir`` holds the ground truth; ``lr_root`` the shipped LR."""
+
+    name: str
+    root: Path
+    hr_dir: Path
+    lr_root: Path | None  # <root>/LR_bicubic when the standard layout is used
+
+    def images(self) -> list[Path]:
+        """HR files, sorted by name (the reference takes every file in HR/)."""
+        return list_images(self.hr_dir)
+
+    def lr_dir(self, scale: int) -> Path | None:
+        """Folder of shipped LR images for ``scale``, or None to generate them."""
+        if self.lr_root is None:
+            return None
+        d = self.lr_root / f"X{scale}"
+        return d if d.is_dir() else None
+
+
+@dataclass
+class Sample:
+    """An evaluation pair: HR cropped to exactly ``scale`` x LR size."""
+
+    name: str
+    hr: np.ndarray  # HxWx3 uint8, or HxW uint8 for grey ground truth
+    lr: np.ndarray  # same channel layout as hr
+    hr_path: Path
+    lr_path: Path | None  # None when generated
+
+    @property
+    def grey(self) -> bool:
+        return self.hr.ndim == 2
+
+
+def canonical_name(name: str) -> str | None:
+    return _ALIASES.get(name.strip().lower())
+
+
+def resolve_benchmark(name: str, data_dir: str | Path | None) -> Benchmark:
+    """A benchmark by archive name (looked up under ``data_dir``) or by folder path.
+
+    A folder with an ``HR/`` subfolder is read in the standard layout; any other folder is
+    taken as a plain folder of HR images (LR generated).
+    """
+    raw = name.strip()
+    as_path = Path(raw).expanduser()
+    canonical = canonical_name(raw)
+    if canonical is None:
+        if ("/" in raw or as_path.is_absolute() or raw.startswith(".")) or as_path.is_dir():
+            if not as_path.is_dir():
+                raise UserError(f"{as_path}: benchmark folder not found")
+            return _from_folder(as_path.name, as_path)
+        raise UserError(
+            f"unknown benchmark {raw!r} (choose from {', '.join(KNOWN_BENCHMARKS)}, "
+            "or give the path of a folder of HR images)"
+        )
+    if data_dir is None:
+        raise UserError(f"{canonical}: no data folder given (--data-dir DIR; {LAYOUT_HINT})")
+    base = Path(data_dir).expanduser()
+    if not base.is_dir():
+        raise UserError(f"{base}: data folder not found ({LAYOUT_HINT})")
+    candidates = [base / "benchmark" / canonical, base / canonical]
+    if base.name == canonical:
+        candidates.insert(0, base)
+    for root in candidates:
+        if root.is_dir():
+            return _from_folder(canonical, root)
+    raise UserError(f"{candidates[0]}: benchmark folder not found ({LAYOUT_HINT})")
+
+
+def _from_folder(name: str, root: Path) -> Benchmark:
+    hr = root / "HR"
+    if hr.is_dir():
+        lr_root = root / "LR_bicubic"
+        return Benchmark(name, root, hr, lr_root if lr_root.is_dir() else None)
+    if (root / "LR_bicubic").is_dir():
+        raise UserError(f"{hr}: HR folder not found next to LR_bicubic ({LAYOUT_HINT})")
+    return Benchmark(name, root, root, None)
+
+
+def resolve_benchmarks(names: list[str], data_dir: str | Path | None) -> list[Benchmark]:
+    """All requested benchmarks, checked up front (folder exists, holds images)."""
+    out = []
+    seen = set()
+    for name in names:
+        bench = resolve_benchmark(name, data_dir)
+        if bench.root in seen:
+            continue
+        seen.add(bench.root)
+        bench.images()  # raises a one-line error for a missing/empty HR folder
+        out.append(bench)
+    if not out:
+        raise UserError("no benchmarks given")
+    return out
+
+
+def lr_file(bench: Benchmark, hr_path: Path, scale: int) -> Path | None:
+    """Shipped LR for ``hr_path`` (``<stem>x{s}<ext>``), None when LR must be generated.
+
+    When the archive has an ``X{s}`` folder, every HR image must have its LR there.
+    """
+    d = bench.lr_dir(scale)
+    if d is None:
+        return None
+    for suffix in (hr_path.suffix, ".png"):
+        p = d / f"{hr_path.stem}x{scale}{suffix}"
+        if p.is_file():
+            return p
+    raise UserError(f"{d / f'{hr_path.stem}x{scale}.png'}: LR image missing for {hr_path}")
+
+
+Resize = Callable[..., np.ndarray]
+
+
+def load_sample(bench: Benchmark, hr_path: Path, scale: int, resize: Resize) -> Sample:
+    """Read HR (grey kept as grey), read or generate LR, crop HR to ``scale`` x LR size.
+
+    ``resize`` is ``pipeline.preprocess.imresize`` (passed in so this module stays pure).
+    """
+    hr, _ = read_image(hr_path, keep_gray=True)
+    lp = lr_file(bench, hr_path, scale)
+    if lp is None:
+        hr = crop_to_multiple(hr, scale)
+        if hr.shape[0] == 0 or hr.shape[1] == 0:
+            raise UserError(f"{hr_path}: image smaller than the scale ({scale})")
+        lr = resize(hr, scale=1.0 / scale)
+        return Sample(hr_path.stem, hr, np.asarray(lr, dtype=np.uint8), hr_path, None)
+    lr, _ = read_image(lp, keep_gray=hr.ndim == 2)
+    if hr.ndim == 2 and lr.ndim == 3:
+        lr = np.clip(np.round(rgb_to_gray(lr)), 0, 255).astype(np.uint8)
+    if hr.ndim == 3 and lr.ndim == 2:
+        lr = np.repeat(lr[:, :, None], 3, axis=2)
+    want = (hr.shape[0] // scale, hr.shape[1] // scale)
+    if lr.shape[:2] != want:
+        raise UserError(
+            f"{lp}: LR is {lr.shape[1]}x{lr.shape[0]} but {hr_path.name} is "
+            f"{hr.shape[1]}x{hr.shape[0]}; expected {want[1]}x{want[0]} (HR / {scale})"
+        )
+    return Sample(hr_path.stem, match_sizes(hr, lr.shape, scale), lr, hr_path, lp)

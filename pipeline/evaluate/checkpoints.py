@@ -1,0 +1,126 @@
+"""Finding and loading the network to evaluate: a file, a Ray checkpoint folder, an MLflow run.
+
+Why a module of its own: the three sources a user may point at (our checkpoint file or the
+reference's plain state_dict; a Ray Train checkpoint directory with ``model.pt``; an MLflow run
+whose artifacts hold ``best_model/model.pt``) must all end in the same strict, pickle-safe
+loader (:func:`pipeline.model.load_checkpoint`), with one-line errors that name the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from pipeline import console
+from pipeline.config import EvalConfig, model_config
+from pipeline.console import UserError
+
+RAY_MODEL_FILE = "model.pt"
+RUN_ARTIFACT = "best_model/model.pt"
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """The weights file behind ``path``: the file itself, or ``model.pt`` in a Ray checkpoint."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"{p}: checkpoint not found")
+    if p.is_dir():
+        candidate = p / RAY_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+        nested = sorted(p.glob(f"checkpoint_*/{RAY_MODEL_FILE}"))
+        if nested:
+            raise UserError(
+                f"{p}: a Ray run folder, not one checkpoint; pick one of its checkpoints, "
+                f"e.g. {nested[-1].parent}"
+            )
+        raise UserError(f"{p}: folder holds no {RAY_MODEL_FILE} (expected a Ray checkpoint folder)")
+    return p
+
+
+def download_run_model(run_id: str, tracking_uri: str, dst: Path) -> Path:
+    """Fetch ``best_model/model.pt`` of an MLflow run into ``dst``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.tracking import check_reachable, redact_uri
+
+    check_reachable(tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
+    where = redact_uri(tracking_uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as exc:
+        raise UserError(
+            f"MLflow run {run_id!r} not found at {where} ({_first_line(exc)})"
+        ) from None
+    try:
+        names = {a.path for a in client.list_artifacts(run_id, "best_model")}
+    except MlflowException as exc:
+        raise UserError(
+            f"MLflow run {run_id}: cannot list artifacts ({_first_line(exc)})"
+        ) from None
+    if RUN_ARTIFACT not in names:
+        raise UserError(
+            f"MLflow run {run_id} has no {RUN_ARTIFACT} artifact (was it trained by sr-pipeline "
+            "and did it reach a validation?)"
+        )
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = client.download_artifacts(run_id, RUN_ARTIFACT, str(dst))
+    except (MlflowException, OSError) as exc:
+        raise UserError(
+            f"MLflow run {run_id}: downloading {RUN_ARTIFACT} failed ({_first_line(exc)})"
+        ) from None
+    return Path(local)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return " ".join(text[0].split())[:200] if text else type(exc).__name__
+
+
+def model_overrides(cfg: EvalConfig) -> tuple[str | None, dict[str, Any]]:
+    """(preset, overrides) the user asked for, relative to the preset's own model config.
+
+    Both empty/None when nothing was given, which lets the model loader read an official
+    state_dict's architecture from its shapes.
+    """
+    base = dataclasses.asdict(model_config(cfg.preset, cfg.model.scale))
+    given = dataclasses.asdict(cfg.model)
+    overrides = {k: v for k, v in given.items() if k != "scale" and v != base[k]}
+    preset = None if cfg.preset == "paper" and not overrides else cfg.preset
+    return preset, overrides
+
+
+def load_model(path: Path, cfg: EvalConfig, scale: int | None) -> tuple[Any, str]:
+    """The network (eval mode, CPU) and a short description of where it came from."""
+    from pipeline.model import load_checkpoint, read_checkpoint
+    from pipeline.model.checkpoint import load_state_dict_strict
+
+    preset, overrides = model_overrides(cfg)
+    model = load_checkpoint(path, preset=preset, scale=scale, **overrides)
+    desc = str(path)
+    if cfg.use_ema:
+        ckpt = read_checkpoint(path)
+        ema = ckpt.get("ema_state_dict")
+        if ema:
+            load_state_dict_strict(model, ema, f"{path} (ema_state_dict)")
+            desc += " (EMA weights)"
+            console.info(f"{path}: evaluating the EMA weights (use --no-ema for the raw ones)")
+    return model.eval(), desc
+
+
+def model_scale(path: Path) -> int | None:
+    """The scale recorded in our checkpoint, or inferred from an official one's upsampler."""
+    from pipeline.model import read_checkpoint
+    from pipeline.model.checkpoint import infer_architecture
+
+    ckpt = read_checkpoint(path)
+    if "scale" in ckpt:
+        return int(ckpt["scale"])
+    try:
+        return int(infer_architecture(ckpt["state_dict"])["scale"])
+    except UserError as exc:
+        raise UserError(f"{path}: {exc}") from None

@@ -1,0 +1,189 @@
+"""What `evaluate` hands back: a table, a per-image CSV, JSON for scripts, comparison figures.
+
+Files are written atomically (temporary name, then rename) so an interrupted run never leaves a
+half CSV under the final name. Figures are drawn with Pillow only (no matplotlib dependency).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from pipeline.imageio import atomic_write_bytes, write_png
+
+if TYPE_CHECKING:
+    from pipeline.evaluate.runner import FigureRow, ImageRow, Outcome, Summary
+
+
+def _fmt(value: float, digits: int) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    return f"{value:.{digits}f}"
+
+
+def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True) -> str:
+    """Plain-text table (stdout stays machine-friendly: no colour codes).
+
+    ``with_bicubic`` adds the bicubic baseline of the same images next to the method.
+    """
+    stochastic = any(s.repeats > 1 for s in summaries)
+    head = ["benchmark", "scale", f"{label} PSNR", "SSIM"]
+    if stochastic:
+        head.insert(3, "± std")
+        head.append("± std")
+    if with_bicubic:
+        head += ["bicubic PSNR", "SSIM"]
+    head += ["images", "seconds"]
+    rows = []
+    for s in summaries:
+        row = [s.benchmark, f"x{s.scale}", _fmt(s.psnr, 3), _fmt(s.ssim, 4)]
+        if stochastic:
+            row.insert(3, _fmt(s.psnr_std, 3))
+            row.append(_fmt(s.ssim_std, 4))
+        if with_bicubic:
+            row += [_fmt(s.bicubic_psnr, 3), _fmt(s.bicubic_ssim, 4)]
+        row += [str(s.images), f"{s.seconds:.1f}"]
+        rows.append(row)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
+    lines = [
+        "  ".join(
+            h.ljust(w) if i == 0 else h.rjust(w)
+            for i, (h, w) in enumerate(zip(head, widths, strict=True))
+        )
+    ]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in rows:
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(r, widths, strict=True))
+            )
+        )
+    note = "PSNR/SSIM on Y (BT.601), shave = scale"
+    if stochastic:
+        note += f"; mean ± sample std over {summaries[0].repeats} random hash draws"
+    return "\n".join(lines) + f"\n({note})"
+
+
+def write_csv(path: Path, rows: list[ImageRow]) -> Path:
+    """One line per image (and repeat) with PSNR/SSIM of the method and of bicubic."""
+    from pipeline.evaluate.runner import ImageRow
+
+    buf = io.StringIO()
+    names = [f.name for f in fields(ImageRow)]
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        d = asdict(row)
+        for k in ("psnr", "bicubic_psnr"):
+            d[k] = _fmt(d[k], 4) if math.isfinite(d[k]) else "inf"
+        for k in ("ssim", "bicubic_ssim"):
+            d[k] = f"{d[k]:.6f}"
+        d["seconds"] = f"{d['seconds']:.4f}"
+        writer.writerow(d)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue().encode())
+    return path
+
+
+def summary_records(summaries: list[Summary]) -> list[dict]:
+    """The JSON table: {benchmark, scale, psnr, ssim, images, seconds} plus std/bicubic fields."""
+    out = []
+    for s in summaries:
+        rec = {
+            "benchmark": s.benchmark,
+            "scale": s.scale,
+            "psnr": s.psnr,
+            "ssim": s.ssim,
+            "images": s.images,
+            "seconds": round(s.seconds, 4),
+            "repeats": s.repeats,
+            "psnr_std": s.psnr_std,
+            "ssim_std": s.ssim_std,
+            "bicubic_psnr": s.bicubic_psnr,
+            "bicubic_ssim": s.bicubic_ssim,
+        }
+        for k, v in rec.items():
+            if isinstance(v, float) and not math.isfinite(v):
+                rec[k] = None  # JSON has no inf/nan
+        out.append(rec)
+    return out
+
+
+def write_json(path: Path, summaries: list[Summary]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, (json.dumps(summary_records(summaries), indent=2) + "\n").encode())
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison figure
+# ---------------------------------------------------------------------------------------------
+
+_PANEL = 192  # displayed size of each crop (nearest-neighbour enlarged, so pixels stay visible)
+_PAD = 6
+_TEXT_H = 18
+
+
+def _rgb(img: np.ndarray) -> np.ndarray:
+    return np.repeat(img[:, :, None], 3, axis=2) if img.ndim == 2 else img
+
+
+def _enlarge(img: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(_rgb(img)).resize((size, size), Image.Resampling.NEAREST))
+
+
+def comparison_figure(
+    rows: list[FigureRow], title: str, label: str, with_sr: bool = True
+) -> np.ndarray:
+    """HR crop | bicubic | method, one row per image, PSNR (whole image, Y) under each panel.
+
+    ``with_sr=False`` (the bicubic baseline itself) leaves out the third, identical panel.
+    """
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    cols = 3 if with_sr else 2
+    width = cols * _PANEL + (cols + 1) * _PAD
+    row_h = _PANEL + _TEXT_H + _PAD
+    height = _TEXT_H + _PAD + len(rows) * row_h + _PAD
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((_PAD, 3), title, fill=(0, 0, 0), font=font)
+    for r, row in enumerate(rows):
+        y = _TEXT_H + _PAD + r * row_h
+        panels = [
+            (row.hr, f"HR {row.image}"),
+            (row.bicubic, f"Bicubic {_fmt(row.bicubic_psnr, 2)} dB"),
+            (row.sr, f"{label} {_fmt(row.psnr, 2)} dB"),
+        ][:cols]
+        for c, (img, caption) in enumerate(panels):
+            x = _PAD + c * (_PANEL + _PAD)
+            canvas.paste(Image.fromarray(_enlarge(img, _PANEL)), (x, y))
+            draw.text((x, y + _PANEL + 3), caption, fill=(0, 0, 0), font=font)
+    return np.asarray(canvas)
+
+
+def write_figures(folder: Path, outcome: Outcome) -> list[Path]:
+    """One PNG per benchmark and scale: ``<Benchmark>_x<scale>.png``."""
+    paths = []
+    for (bench, scale), rows in outcome.figures.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        with_sr = outcome.method != "bicubic"
+        what = f"HR | bicubic | {outcome.label}" if with_sr else "HR | bicubic"
+        title = f"{bench} x{scale}: {what} (PSNR on Y, shave {scale})"
+        path = folder / f"{bench}_x{scale}.png"
+        write_png(path, comparison_figure(rows, title, outcome.label, with_sr))
+        paths.append(path)
+    return paths
