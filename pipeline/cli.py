@@ -118,7 +118,9 @@ def config_cmd(
 from pipeline.preprocess import commands as _preprocess_commands  # noqa: E402
 
 _preprocess_commands.register(app)
-# [register: train]
+from pipeline.train import commands as _train_commands  # noqa: E402
+
+_train_commands.register(app)
 from pipeline.evaluate import commands as _evaluate_commands  # noqa: E402
 
 _evaluate_commands.register(app)

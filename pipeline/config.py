@@ -117,7 +117,9 @@ class TrainConfig:
     val_data: str | None = None  # alternative: a folder of HR images (benchmark layout or plain)
     patch_size: int = 96  # HR patch side, as the reference's --patch_size
     augment: bool = True
-    loader_workers: int = 2
+    loader_workers: int = 2  # DataLoader processes per Ray worker
+    patches_per_sample: int = 1  # random patches cut from each decoded sub-image (1 = reference)
+    shuffle_buffer: int = 256  # patches held per loader stream for shuffling
     # optimisation (spec section 4)
     epochs: int = 1500
     iters_per_epoch: int = 1000
@@ -134,6 +136,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 1
     max_bad_steps: int = 5  # consecutive non-finite losses before the job stops
+    log_every: int = 50  # steps between metric points
     # validation
     val_every: int = 1  # epochs
     val_max_images: int = 0  # 0 = all
@@ -144,8 +147,10 @@ class TrainConfig:
     gpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     address: str | None = None
+    dist_timeout_s: int = 1800  # collective timeout (TorchConfig): a hung rank fails after this
     # run / fault tolerance / tracking
     storage_path: str | None = None
+    shared_storage: bool = False  # the user asserts a local storage path is a mount shared by all nodes
     run_name: str | None = None
     resume: bool = False
     max_failures: int = 0
@@ -158,7 +163,8 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         self.model.validate()
-        for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_every"):
+        for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_every",
+                     "log_every", "patches_per_sample", "shuffle_buffer", "max_bad_steps", "dist_timeout_s"):
             _positive(getattr(self, name), name)
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
@@ -186,8 +192,13 @@ class TrainConfig:
 
     @property
     def per_worker_batch(self) -> int:
-        """Per-worker batch; the global batch is split as evenly as possible (ceil)."""
+        """Largest per-worker batch; the global batch is split so ranks differ by at most one."""
         return -(-self.batch_size // self.workers)
+
+    @property
+    def effective_lr(self) -> float:
+        """The learning rate used: ``lr``, times global batch / 16 when ``scale_lr`` is on."""
+        return self.lr * (self.batch_size / 16 if self.scale_lr else 1.0)
 
 
 @dataclass
@@ -268,6 +279,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 4e-4,
         "milestones": [3],
         "loader_workers": 1,
+        "log_every": 5,
+        "cpus_per_worker": 1.0,
     },
 }
 

@@ -1,0 +1,478 @@
+"""Driver side of `sr-pipeline train`: resolve, check, launch, finish.
+
+Order matters, and every failure before the launch is one clear line:
+
+1. resolve paths to absolute (relative paths break inside Ray workers) and read the shard
+   manifest (the trainer never scans tars to count);
+2. connect to Ray (``--address`` / ``RAY_ADDRESS``) or start a local instance on 127.0.0.1;
+3. **preflight**: enough CPUs/GPUs for ``--workers``; storage, shards and the tracking server
+   reachable from *every* node (one probe task pinned to each node), and a node-local storage
+   path refused on a multi-node cluster;
+4. find or create the MLflow run (the same one on resume) and print where to watch;
+5. ``TorchTrainer.fit()``: same ``RunConfig(name, storage_path)`` resumes from the last
+   checkpoint, ``FailureConfig(max_failures)`` restarts a dead worker group;
+6. upload the best model to MLflow, register it, close the run, shut down a local Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline import console, defaults
+from pipeline.config import TrainConfig, flatten, to_dict
+from pipeline.console import UserError
+from pipeline.train import storage
+from pipeline.train.loop import JobSpec
+
+# Environment variables workers need from the driver (credentials are passed, never logged).
+PROPAGATED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "NCCL_", "GLOO_", "SR_PIPELINE_")
+
+
+@dataclass
+class Outcome:
+    run_name: str
+    run_dir: str
+    mlflow_run_id: str | None
+    status: str  # FINISHED | FAILED | KILLED
+    best_psnr: float | None = None
+    model_version: str | None = None
+    checkpoint: str | None = None
+    metrics: dict[str, Any] | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. data
+# ---------------------------------------------------------------------------------------------
+
+
+def resolve_data(cfg: TrainConfig) -> JobSpec:
+    """Shard lists and counts from the manifest(s); validation source; clear errors."""
+    from pipeline.preprocess.manifest import read_manifest, shard_paths
+
+    if not cfg.shards:
+        raise UserError("--shards is required: the folder written by `sr-pipeline preprocess`")
+    shards_dir = Path(cfg.shards).expanduser().resolve()
+    manifest = read_manifest(shards_dir)
+    scales = [int(s) for s in manifest.get("params", {}).get("scales", [])]
+    scale = cfg.model.scale
+    if scales and scale not in scales:
+        raise UserError(f"{shards_dir}: shards hold scales {scales}, not x{scale} (rerun preprocess with --scales {scale})")
+    train = manifest["splits"].get("train") or {}
+    train_paths = [str(p) for p in shard_paths(shards_dir, "train")]
+    if not train_paths:
+        raise UserError(f"{shards_dir}: the manifest lists no train shards")
+    counts_by_name = {s["name"]: int(s["samples"]) for s in train.get("shards", [])}
+    train_counts = [counts_by_name.get(Path(p).name, 0) for p in train_paths]
+    crop = manifest.get("params", {}).get("crop")
+    if crop and cfg.patch_size > int(crop):
+        raise UserError(f"--patch-size {cfg.patch_size} is larger than the shards' sub-images ({crop} px)")
+
+    job = JobSpec(train_shards=train_paths, train_counts=train_counts, lr=cfg.effective_lr)
+    if cfg.val_data:
+        folder = Path(cfg.val_data).expanduser().resolve()
+        from pipeline.imageio import list_images
+
+        n = len(list_images(folder))  # one-line error when missing/empty
+        job.val_folder = str(folder)
+        job.val_count = min(n, cfg.val_max_images) if cfg.val_max_images else n
+    else:
+        val_dir = Path(cfg.val_shards).expanduser().resolve() if cfg.val_shards else shards_dir
+        val_manifest = manifest if val_dir == shards_dir else read_manifest(val_dir)
+        valid = val_manifest["splits"].get("valid") or {}
+        job.val_shards = [str(p) for p in shard_paths(val_dir, "valid")] if valid.get("shards") else []
+        n = int(valid.get("samples", 0))
+        job.val_count = min(n, cfg.val_max_images) if cfg.val_max_images else n
+        if not job.val_shards or job.val_count == 0:
+            raise UserError(
+                f"{val_dir}: no validation images (the manifest's valid split is empty); "
+                "give --val-data FOLDER (e.g. a Set5/HR folder) or --val-shards DIR"
+            )
+    return job
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def _worker_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+
+
+def connect(address: str | None, dashboard: bool) -> tuple[bool, str | None]:
+    """(started_locally, dashboard URL). Local instances bind 127.0.0.1 only."""
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    runtime_env = {"env_vars": _worker_env()}
+    try:
+        if address:
+            ctx = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
+            started = False
+        else:
+            ctx = ray.init(
+                include_dashboard=dashboard,
+                dashboard_host="127.0.0.1",
+                _node_ip_address="127.0.0.1",
+                runtime_env=runtime_env,
+                logging_level="WARNING",
+                log_to_driver=True,
+            )
+            started = True
+    except ConnectionError as exc:
+        raise UserError(f"cannot connect to the Ray cluster at {address}: {' '.join(str(exc).split())[:300]}") from None
+    url = getattr(ctx, "dashboard_url", None) or None
+    if url and not url.startswith("http"):
+        url = f"http://{url}"
+    return started, url
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. preflight
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ClusterInfo:
+    nodes: int
+    cpus: float
+    gpus: float
+    gpu_type: str
+
+
+def cluster_info() -> tuple[ClusterInfo, list[dict[str, Any]]]:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = sum(n["Resources"].get("CPU", 0.0) for n in nodes)
+    gpus = sum(n["Resources"].get("GPU", 0.0) for n in nodes)
+    types = sorted({k.split(":", 1)[1] for n in nodes for k in n["Resources"] if k.startswith("accelerator_type:")})
+    return ClusterInfo(len(nodes), cpus, gpus, ",".join(types) or ("none" if not gpus else "unknown")), nodes
+
+
+def check_resources(cfg: TrainConfig, use_gpu: bool, nodes: list[dict[str, Any]]) -> None:
+    """Enough room for ``workers`` bundles of (CPU, GPU) on the nodes as they are."""
+    need_cpu = cfg.cpus_per_worker
+    need_gpu = cfg.gpus_per_worker if use_gpu else 0.0
+
+    def fits(res: dict[str, float]) -> int:
+        limits = []
+        if need_cpu > 0:
+            limits.append(math.floor(res.get("CPU", 0.0) / need_cpu + 1e-9))
+        if need_gpu > 0:
+            limits.append(math.floor(res.get("GPU", 0.0) / need_gpu + 1e-9))
+        return min(limits) if limits else cfg.workers
+
+    capacity = sum(fits(n["Resources"]) for n in nodes)
+    if capacity < cfg.workers:
+        total_cpu = sum(n["Resources"].get("CPU", 0.0) for n in nodes)
+        total_gpu = sum(n["Resources"].get("GPU", 0.0) for n in nodes)
+        what = f"{need_cpu:g} CPU" + (f" + {need_gpu:g} GPU" if need_gpu else "")
+        raise UserError(
+            f"--workers {cfg.workers} needs {cfg.workers} x ({what}) but the cluster ({len(nodes)} node(s), "
+            f"{total_cpu:g} CPUs, {total_gpu:g} GPUs) fits only {capacity}; lower --workers or "
+            "--cpus-per-worker/--gpus-per-worker, or add nodes"
+        )
+
+
+def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
+    """Runs ON each node: can it see the storage token, the shards, the tracking server?"""
+    import socket
+    import urllib.request
+
+    out: dict[str, Any] = {"host": socket.gethostname(), "errors": []}
+    token_path, token = checks["token_path"], checks["token"]
+    try:
+        fs, p = storage._fs(token_path)
+        with fs.open_input_stream(p) as f:
+            if f.read().decode() != token:
+                out["errors"].append(f"storage {checks['storage']} holds a different probe file (not the same storage)")
+    except Exception as exc:
+        out["errors"].append(f"storage {checks['storage']} is not visible ({type(exc).__name__}: {' '.join(str(exc).split())[:150]})")
+    missing = [p for p in checks["files"] if not os.path.exists(p)]
+    if missing:
+        out["errors"].append(f"{len(missing)} data file(s) missing, e.g. {missing[0]}")
+    uri = checks.get("tracking_uri")
+    if uri and uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+                pass
+        except urllib.error.HTTPError as exc:
+            if exc.code not in (401, 403):
+                out["errors"].append(f"tracking server answered HTTP {exc.code}")
+        except Exception as exc:
+            out["errors"].append(f"tracking server {checks['tracking_shown']} not reachable ({getattr(exc, 'reason', exc)})")
+    return out
+
+
+def check_reachability(
+    cfg: TrainConfig, job: JobSpec, storage_path: str, tracking_uri: str, nodes: list[dict[str, Any]]
+) -> None:
+    """Storage/shards/tracking from every node; node-local storage refused on multi-node."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from pipeline.tracking import redact_uri
+
+    multi = len(nodes) > 1
+    if multi and not storage.is_uri(storage_path) and not cfg.shared_storage:
+        fstype = storage.filesystem_type(storage_path)
+        if not storage.is_shared_fstype(fstype):
+            raise UserError(
+                f"storage path {storage_path} is on a node-local filesystem ({fstype}) but the cluster has "
+                f"{len(nodes)} nodes: checkpoints written on other nodes would be lost. Use --storage-path "
+                "s3://bucket/dir (or gs://...), or a mount shared by all nodes (add --shared-storage if "
+                f"{storage_path} is one)"
+            )
+    if multi and tracking_uri.startswith(("sqlite:", "file:")) or (multi and "://" not in tracking_uri):
+        raise UserError(
+            f"the MLflow store {redact_uri(tracking_uri)} is a file on this machine, but rank 0 may run on "
+            f"another of the {len(nodes)} nodes; start a tracking server and pass --tracking-uri http://HOST:PORT"
+        )
+    # A token written here must be readable on every node: that is what "shared" means.
+    token = secrets.token_hex(8)
+    token_path = storage.join(storage_path, ".sr-pipeline-probe", f"{token}.txt")
+    try:
+        fs, p = storage._fs(token_path)
+        fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
+        with fs.open_output_stream(p) as f:
+            f.write(token.encode())
+    except UserError:
+        raise
+    except Exception as exc:
+        raise UserError(f"storage path {storage_path} is not writable: {' '.join(str(exc).split())[:200]}") from None
+    files = list(job.train_shards) + list(job.val_shards) + ([job.val_folder] if job.val_folder else [])
+    checks = {
+        "token_path": token_path, "token": token, "storage": storage_path, "files": files,
+        "tracking_uri": tracking_uri, "tracking_shown": redact_uri(tracking_uri),
+    }
+    probe = ray.remote(num_cpus=0, max_retries=0)(_probe_node)
+    refs = {
+        n["NodeManagerAddress"] + f" ({n['NodeID'][:8]})": probe.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+        ).remote(checks)
+        for n in nodes
+    }
+    try:
+        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=120)
+        if len(ready) < len(refs):
+            late = [name for name, ref in refs.items() if ref not in ready]
+            raise UserError(f"preflight: node(s) {', '.join(late)} did not answer within 120 s")
+        for name, ref in refs.items():
+            result = ray.get(ref)
+            if result["errors"]:
+                raise UserError(f"preflight on node {name}: {result['errors'][0]}")
+    finally:
+        try:
+            fs.delete_file(p)
+        except Exception:
+            pass
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. run identity
+# ---------------------------------------------------------------------------------------------
+
+
+def choose_run(cfg: TrainConfig, storage_path: str) -> tuple[str, dict[str, Any] | None]:
+    """(run name, stored run record or None for a fresh run)."""
+    if cfg.run_name:
+        if "/" in cfg.run_name or cfg.run_name in {".", ".."}:
+            raise UserError(f"--run-name {cfg.run_name!r}: use a plain name, without '/'")
+        record = storage.read_json(storage.join(storage_path, cfg.run_name, storage.RUN_FILE))
+        if cfg.resume and record is None:
+            raise UserError(f"--resume: no run named {cfg.run_name!r} under {storage_path}")
+        return cfg.run_name, record
+    if cfg.resume:
+        runs = storage.list_runs(storage_path)
+        if not runs:
+            raise UserError(f"--resume: no run to resume under {storage_path}")
+        name = runs[-1][1]
+        return name, storage.read_json(storage.join(storage_path, name, storage.RUN_FILE))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return f"dnlan-x{cfg.model.scale}-{stamp}-{uuid.uuid4().hex[:4]}", None
+
+
+def check_same_model(cfg: TrainConfig, record: dict[str, Any], run_name: str) -> None:
+    stored = record.get("model") or {}
+    for key, value in to_dict(cfg.model).items():
+        if key in stored and stored[key] != value:
+            raise UserError(
+                f"run {run_name!r} was trained with model.{key}={stored[key]}, not {value}; "
+                "use another --run-name for a different model"
+            )
+
+
+# ---------------------------------------------------------------------------------------------
+# 5-6. launch and finish
+# ---------------------------------------------------------------------------------------------
+
+
+def _failure_line(exc: BaseException) -> str:
+    """The root cause of a Ray Train failure, in one line."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    inner: BaseException = next(iter(failures.values()), None) or getattr(exc, "controller_failure", None) or exc
+    cause = getattr(inner, "cause", None) or inner
+    text = str(cause).strip().splitlines()
+    lines = [line.strip() for line in text if line.strip()]
+    last = lines[-1] if lines else type(cause).__name__
+    return last[:400]
+
+
+def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
+    """Everything `sr-pipeline train` does; returns the outcome (raises UserError on failure)."""
+    from pipeline.tracking import check_reachable, redact_uri, resolve_uri, run_url
+    from pipeline.train import tracking
+
+    # -- 1. resolve
+    storage_path = storage.resolve(cfg.storage_path, defaults.storage_path())
+    cfg = dataclasses.replace(cfg, storage_path=storage_path)
+    job = resolve_data(cfg)
+    tracking_uri = resolve_uri(cfg.tracking_uri)
+    check_reachable(tracking_uri)
+    run_name, record = choose_run(cfg, storage_path)
+    if record is not None:
+        check_same_model(cfg, record, run_name)
+    run_dir = storage.join(storage_path, run_name)
+    job.run_dir, job.tracking_uri = run_dir, tracking_uri
+
+    # -- 2. Ray
+    import ray
+
+    started, dashboard_url = connect(cfg.address, dashboard)
+    status = "FAILED"
+    run_id = None
+    try:
+        info, nodes = cluster_info()
+        use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, info.gpus > 0)
+        if use_gpu and info.gpus == 0:
+            raise UserError("--use-gpu yes, but the Ray cluster has no GPUs")
+        # -- 3. preflight
+        check_resources(cfg, use_gpu, nodes)
+        if not storage.is_uri(storage_path):
+            Path(storage_path).mkdir(parents=True, exist_ok=True)
+        check_reachability(cfg, job, storage_path, tracking_uri, nodes)
+        n_streams = cfg.workers * max(1, cfg.loader_workers)
+        if sum(job.train_counts) < n_streams:
+            console.warn(f"only {sum(job.train_counts)} training samples for {n_streams} loader streams: streams share samples")
+        elif len(job.train_shards) < n_streams:
+            console.warn(
+                f"{len(job.train_shards)} shards for {n_streams} loader streams (workers x loader workers): every "
+                "stream reads all shards; more, smaller shards (preprocess --shard-samples) read less"
+            )
+
+        # -- 4. MLflow run (the same one on resume)
+        previous_id = record.get("mlflow_run_id") if record and record.get("tracking_uri") == redact_uri(tracking_uri) else None
+        run_id, exp_id, resumed = tracking.open_run(tracking_uri, cfg.experiment, run_name, run_dir, previous_id)
+        job.mlflow_run_id = run_id
+        params = flatten(dataclasses.replace(cfg, tracking_uri=redact_uri(tracking_uri), address=cfg.address or os.environ.get("RAY_ADDRESS")))
+        params.update(tracking.versions())
+        params.update({
+            "git.commit": tracking.git_commit() or "none",
+            "cluster.nodes": info.nodes, "cluster.cpus": info.cpus, "cluster.gpus": info.gpus,
+            "cluster.gpu_type": info.gpu_type, "derived.world_size": cfg.workers,
+            "derived.per_worker_batch": cfg.per_worker_batch, "derived.lr_effective": cfg.effective_lr,
+            "derived.use_gpu": use_gpu, "derived.backend": "nccl" if use_gpu else "gloo",
+            "data.train_shards": len(job.train_shards), "data.train_samples": sum(job.train_counts),
+            "data.val_images": job.val_count, "ray.run_name": run_name, "ray.storage_path": storage_path,
+        })
+        tracking.log_params(tracking_uri, run_id, params)
+        storage.write_json(storage.join(run_dir, storage.RUN_FILE), {
+            "format": "sr-pipeline/run", "run_name": run_name, "mlflow_run_id": run_id,
+            "tracking_uri": redact_uri(tracking_uri), "experiment": cfg.experiment,
+            "model": to_dict(cfg.model), "created": (record or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
+        })
+
+        url = run_url(tracking_uri, exp_id, run_id)
+        console.info(
+            f"{'continuing' if record else 'starting'} run {run_name}: {cfg.workers} worker(s) on "
+            f"{info.nodes} node(s), {'GPU/nccl' if use_gpu else 'CPU/gloo'}, global batch {cfg.batch_size} "
+            f"(<= {cfg.per_worker_batch} per worker), lr {cfg.effective_lr:g}"
+        )
+        console.info(f"  MLflow run:    {url or run_id}  (experiment {cfg.experiment!r}, run id {run_id})")
+        if not url:
+            console.info(f"                browse it with: sr-pipeline ui   (store {redact_uri(tracking_uri)})")
+        console.info(f"  Ray dashboard: {dashboard_url or 'off'}")
+        console.info(f"  storage:       {run_dir}")
+
+        # -- 5. fit
+        result = fit(cfg, job, run_name, storage_path, use_gpu)
+        metrics = dict(result.metrics or {})
+        outcome = Outcome(run_name, run_dir, run_id, "FINISHED", metrics=metrics,
+                          checkpoint=result.checkpoint.path if result.checkpoint else None)
+        if metrics.get("error"):
+            outcome.status = "FAILED"
+
+        # -- 6. best model -> MLflow artifacts + registry
+        meta = read_best(tracking_uri, run_id, run_dir)
+        if meta is not None:
+            outcome.best_psnr = meta.get("val_psnr")
+            if cfg.register_model and outcome.status == "FINISHED" and outcome.best_psnr is not None:
+                outcome.model_version = tracking.register_best(
+                    tracking_uri, run_id, cfg.model.scale, float(outcome.best_psnr), int(meta.get("step", -1))
+                )
+        status = outcome.status
+        if metrics.get("error"):
+            raise UserError(f"training stopped: {metrics['error']}; run {run_name}")
+        return outcome
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except ray.train.TrainingFailedError as exc:
+        raise UserError(
+            f"training failed ({_failure_line(exc)}); checkpoints stay in {run_dir}; "
+            f"continue with --run-name {run_name}"
+        ) from None
+    finally:
+        if run_id is not None:
+            tracking.finish_run(tracking_uri, run_id, status)
+        if started:
+            ray.shutdown()
+
+
+def read_best(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | None:
+    """Upload ``<run dir>/best_model`` to the MLflow run; returns its meta (or None)."""
+    from pipeline.train import checkpoint, tracking
+
+    meta = checkpoint.read_best_meta(run_dir)
+    if meta is None:
+        return None
+    tmp = storage.download_dir(storage.join(run_dir, storage.BEST_DIR))
+    try:
+        tracking.log_best_model(tracking_uri, run_id, tmp.name)
+    finally:
+        tmp.cleanup()
+    return meta
+
+
+def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gpu: bool):
+    """Build the TorchTrainer and run it (a rerun with the same name resumes)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.train.loop import train_loop_per_worker
+
+    resources = {"CPU": cfg.cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = cfg.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "job": dataclasses.asdict(job)},
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist_timeout_s),
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()

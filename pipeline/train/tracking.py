@@ -1,0 +1,244 @@
+"""MLflow for training: one run per job, reused on resume and after worker restarts.
+
+Who logs what:
+
+* the **driver** creates (or finds again) the run before any worker starts, so it can print
+  the run's address at once; it logs the params and, at the end, the best model and its
+  Model Registry version;
+* **rank 0** logs metrics, comparison images and system metrics while training.
+
+No duplicate steps: a restarted worker group resumes from the last *checkpoint*, which can be
+behind the last *logged* step. Rank 0 therefore reads the highest step already in the run and
+skips re-logging steps up to it (the values logged first stay; they came from the same
+trajectory up to the failure). Every call goes through
+:func:`pipeline.tracking.with_retries`: a tracking hiccup is logged and survived, never fatal.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import console
+from pipeline.tracking import experiment_id, safe_params, with_retries
+
+TAG_RAY_RUN = "sr.ray_run_name"
+TAG_STORAGE = "sr.storage_path"
+MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side
+# ---------------------------------------------------------------------------------------------
+
+
+def open_run(
+    uri: str, experiment: str, ray_run_name: str, run_dir: str, run_id: str | None = None
+) -> tuple[str, str, bool]:
+    """(run id, experiment id, resumed): the run recorded for this job, or a new one."""
+    client = _client(uri)
+    exp_id = experiment_id(experiment, uri)
+    if run_id:
+        try:
+            run = client.get_run(run_id)
+            if run.info.lifecycle_stage != "deleted":
+                if run.info.status != "RUNNING":
+                    client.update_run(run_id, status="RUNNING")
+                return run_id, run.info.experiment_id, True
+        except Exception as exc:  # run gone (other store, deleted): start a new one, say so
+            console.warn(f"MLflow run {run_id} of this job was not found ({type(exc).__name__}); starting a new run")
+    tags = {TAG_RAY_RUN: ray_run_name, TAG_STORAGE: run_dir, "mlflow.source.name": "sr-pipeline train"}
+    run = client.create_run(exp_id, run_name=ray_run_name, tags=tags)
+    return run.info.run_id, exp_id, False
+
+
+def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
+    """Log params; on a resumed run keep the first values and tag the ones that changed."""
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    existing = client.get_run(run_id).data.params
+    params = safe_params(params)
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = [RunTag(f"resume.changed.{k}", v) for k, v in params.items() if k in existing and existing[k] != v]
+    for i in range(0, len(new), MAX_PARAMS_PER_BATCH):
+        with_retries(client.log_batch, run_id, params=new[i : i + MAX_PARAMS_PER_BATCH], what="MLflow log params")
+    if changed:
+        with_retries(client.log_batch, run_id, tags=changed, what="MLflow log tags")
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    with_retries(_client(uri).log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], what="MLflow tags")
+
+
+def finish_run(uri: str, run_id: str, status: str) -> None:
+    """status: FINISHED | FAILED | KILLED."""
+    with_retries(_client(uri).set_terminated, run_id, status, what="MLflow end run")
+
+
+def log_best_model(uri: str, run_id: str, local_dir: str | Path) -> None:
+    """Upload ``best_model/`` (model.pt, state_dict.pt, meta.json) to the run's artifacts."""
+    with_retries(_client(uri).log_artifacts, run_id, str(local_dir), "best_model", what="MLflow best model upload")
+
+
+def register_best(uri: str, run_id: str, scale: int, psnr: float, step: int) -> str | None:
+    """Register ``best_model/`` of the run as a new version of ``dnlan-x{scale}``."""
+    client = _client(uri)
+    name = f"dnlan-x{scale}"
+
+    def _register() -> str:
+        try:
+            client.get_registered_model(name)
+        except Exception:
+            client.create_registered_model(
+                name, description=f"DNLAN x{scale} super-resolution models trained by sr-pipeline"
+            )
+        artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/best_model"
+        version = client.create_model_version(
+            name,
+            source=artifact_uri,
+            run_id=run_id,
+            tags={"val_psnr": f"{psnr:.4f}", "step": str(step), "scale": str(scale)},
+            description=f"best validation PSNR {psnr:.4f} dB (Y channel) at step {step}",
+        )
+        return str(version.version)
+
+    return with_retries(_register, what="MLflow model registration")
+
+
+def git_commit() -> str:
+    """Commit of the installed source tree (``+dirty`` with local changes), or "" outside git."""
+    src = Path(__file__).resolve().parents[2]
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(src), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        if commit.returncode != 0:
+            return ""
+        dirty = subprocess.run(
+            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10,
+        )
+        return commit.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def versions() -> dict[str, str]:
+    import platform
+
+    import mlflow
+    import ray
+    import torch
+    import webdataset
+
+    from pipeline import __version__
+
+    return {
+        "version.sr_pipeline": __version__,
+        "version.torch": torch.__version__,
+        "version.ray": ray.__version__,
+        "version.mlflow": mlflow.__version__,
+        "version.webdataset": getattr(webdataset, "__version__", "?"),
+        "version.python": platform.python_version(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Rank 0 side
+# ---------------------------------------------------------------------------------------------
+
+
+class MetricLogger:
+    """Metrics/images of one run, from one process; a no-op on ranks other than 0."""
+
+    def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
+        self.enabled = bool(enabled and uri and run_id)
+        self.uri, self.run_id = uri, run_id
+        self.floor = -1  # steps <= floor were logged before a restart
+        self._system = None
+        if not self.enabled:
+            return
+        self.client = _client(uri)
+        run = with_retries(self.client.get_run, run_id, what="MLflow get run")
+        if run is not None:
+            steps = [m.step for m in run.data._metric_objs if not m.key.startswith("system/")]
+            self.floor = max(steps, default=-1)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if not self.enabled or step <= self.floor:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
+        with_retries(self.client.log_batch, self.run_id, metrics=batch, what="MLflow log metrics")
+
+    def log_image(self, image: np.ndarray, artifact_file: str) -> None:
+        if not self.enabled:
+            return
+        with_retries(self.client.log_image, self.run_id, image, artifact_file=artifact_file, what="MLflow log image")
+
+    def set_tag(self, key: str, value: str) -> None:
+        if self.enabled:
+            with_retries(self.client.set_tag, self.run_id, key, value, what="MLflow set tag")
+
+    def log_dir(self, local_dir: str, artifact_path: str) -> None:
+        if self.enabled:
+            with_retries(self.client.log_artifacts, self.run_id, local_dir, artifact_path, what="MLflow upload")
+
+    def start_system_metrics(self, interval: float = 10.0) -> None:
+        """CPU/memory/disk/network (and GPU when pynvml is present) as ``system/*`` metrics."""
+        if not self.enabled:
+            return
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            self._system = SystemMetricsMonitor(
+                self.run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self.uri
+            )
+            self._system.start()
+        except Exception as exc:  # psutil missing or the like: training goes on without them
+            console.warn(f"system metrics are off: {exc}")
+            self._system = None
+
+    def close(self) -> None:
+        if self._system is not None:
+            try:
+                self._system.finish()
+            except Exception:
+                pass
+            self._system = None
+
+
+def comparison_image(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int, crop: int = 64) -> np.ndarray:
+    """LR-bicubic | SR | HR side by side, for a fixed central crop (``crop`` LR pixels)."""
+    from pipeline.preprocess import imresize
+
+    h, w = lr.shape[:2]
+    c = min(crop, h, w)
+    y, x = (h - c) // 2, (w - c) // 2
+    lr_c = lr[y : y + c, x : x + c]
+    bic = imresize(lr_c, scale=float(scale))
+    s = scale
+    sr_c = sr[y * s : (y + c) * s, x * s : (x + c) * s]
+    hr_c = hr[y * s : (y + c) * s, x * s : (x + c) * s]
+    gap = np.full((c * s, 4, 3), 255, dtype=np.uint8)
+    return np.concatenate([bic, gap, sr_c, gap, hr_c], axis=1)
+
+
+def tempdir() -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix="sr-train-")

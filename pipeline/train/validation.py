@@ -1,0 +1,66 @@
+"""Validation during training: every rank scores its share of the images, then one reduce.
+
+The model runs in ``fixed`` hash mode (a deterministic projection per layer), so two
+validations of the same weights give the same PSNR and "best" means better weights, not a
+luckier hash draw. Large images go through the reference's recursive chop, as in `evaluate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipeline.train.data import ValSample
+
+
+@dataclass
+class ValResult:
+    psnr_sum: float = 0.0
+    count: int = 0
+    # (lr, sr, hr) of global image 0, kept by the rank that scored it, for the comparison image
+    first: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+def super_resolve(model: torch.nn.Module, lr: np.ndarray, scale: int, rgb_range: float, device: torch.device) -> np.ndarray:
+    """uint8 HxWx3 LR -> uint8 SR (quantised as the reference saves its outputs)."""
+    from pipeline.evaluate.metrics import quantize
+    from pipeline.evaluate.tiling import forward_reference_chop
+
+    x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).unsqueeze(0)
+    x = x.to(device).float().mul_(rgb_range / 255.0)
+    with torch.no_grad():
+        y = forward_reference_chop(model, x, scale)
+    return quantize(y[0].permute(1, 2, 0).float().cpu().numpy(), rgb_range)
+
+
+def validate(
+    model: torch.nn.Module,
+    samples: Iterable[ValSample],
+    scale: int,
+    rgb_range: float,
+    device: torch.device,
+    hash_seed: int,
+) -> ValResult:
+    """PSNR (Y, shave = scale) of this rank's images; the model's hash mode is restored after."""
+    from pipeline.evaluate.metrics import psnr
+    from pipeline.model import set_hash_mode
+
+    was_training = model.training
+    model.eval()
+    set_hash_mode(model, "fixed", seed=hash_seed)
+    result = ValResult()
+    try:
+        for sample in samples:
+            sr = super_resolve(model, sample.lr, scale, rgb_range, device)
+            value = psnr(sr, sample.hr, scale)
+            result.psnr_sum += min(value, 100.0)  # identical images give inf; cap for the mean
+            result.count += 1
+            if sample.index == 0:
+                result.first = (sample.lr, sr, sample.hr)
+    finally:
+        set_hash_mode(model, "stochastic")
+        model.train(was_training)
+    return result
