@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+import fixtures_preprocess
 import numpy as np
 import pytest
 from fixtures_preprocess import SMALL, copy_images, decode, manifest, read_tar_members, shard_bytes
@@ -19,7 +20,7 @@ from pipeline.preprocess.manifest import read_manifest, shard_paths, verify_shar
 from pipeline.preprocess.shards import run_preprocess
 from pipeline.preprocess.subimages import crop_positions, key_stems, modcrop, sample_boxes
 
-pytest_plugins = ["fixtures_preprocess"]
+t91_small = fixtures_preprocess.t91_small
 
 
 def _cfg(**kw) -> PreprocessConfig:
