@@ -404,12 +404,13 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
         console.info(f"  storage:       {run_dir}")
 
         # -- 5. fit
+        stop_file = storage.join(run_dir, storage.STOP_FILE)
+        storage.delete(stop_file)  # a reason left by an earlier attempt of this run
         result = fit(cfg, job, run_name, storage_path, use_gpu)
-        metrics = dict(result.metrics or {})
-        outcome = Outcome(run_name, run_dir, run_id, "FINISHED", metrics=metrics,
+        stopped = storage.read_json(stop_file)
+        outcome = Outcome(run_name, run_dir, run_id, "FAILED" if stopped else "FINISHED",
+                          metrics=dict(result.metrics or {}),
                           checkpoint=result.checkpoint.path if result.checkpoint else None)
-        if metrics.get("error"):
-            outcome.status = "FAILED"
 
         # -- 6. best model -> MLflow artifacts + registry
         meta = read_best(tracking_uri, run_id, run_dir)
@@ -420,11 +421,13 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
                     tracking_uri, run_id, cfg.model.scale, float(outcome.best_psnr), int(meta.get("step", -1))
                 )
         status = outcome.status
-        if metrics.get("error"):
-            raise UserError(f"training stopped: {metrics['error']}; run {run_name}")
+        if stopped:
+            where = f"last checkpoint {outcome.checkpoint}" if outcome.checkpoint else "no checkpoint yet"
+            raise UserError(f"training stopped: {stopped['reason']} ({where}; run {run_name})")
         return outcome
     except KeyboardInterrupt:
         status = "KILLED"
+        console.info(f"stopped; checkpoints are in {run_dir}; continue with: sr-pipeline train ... --run-name {run_name}")
         raise
     except ray.train.TrainingFailedError as exc:
         raise UserError(
@@ -453,17 +456,41 @@ def read_best(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | 
     return meta
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during fit(): the worker group was aborted; checkpoints are kept."""
+
+
 def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gpu: bool):
-    """Build the TorchTrainer and run it (a rerun with the same name resumes)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """Build the TorchTrainer and run it (a rerun with the same name resumes).
+
+    Ctrl-C: the first one aborts the Ray Train controller (which stops the workers) and
+    :class:`Interrupted` is raised once it is gone; a second one stops waiting at once.
+    """
+    import signal
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
 
+    class Trainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller) -> None:  # replaces Ray's (which exits)
+            def on_sigint(signum, frame) -> None:
+                if self.interrupted:
+                    raise Interrupted()
+                self.interrupted = True
+                console.info("stopping (Ctrl-C): aborting the workers; the last checkpoint is kept")
+                controller.abort.remote()
+
+            signal.signal(signal.SIGINT, on_sigint)
+
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    trainer = TorchTrainer(
+    trainer = Trainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "job": dataclasses.asdict(job)},
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist_timeout_s),
@@ -473,6 +500,16 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
             storage_path=storage_path,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level="WARNING"),  # Ray's per-report INFO lines drown ours
         ),
     )
-    return trainer.fit()
+    previous = signal.getsignal(signal.SIGINT)
+    try:
+        return trainer.fit()
+    except ray.exceptions.RayActorError:
+        if trainer.interrupted:
+            raise Interrupted() from None
+        raise
+    finally:
+        if trainer.interrupted or signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)

@@ -73,12 +73,12 @@ def param_spread(model: torch.nn.Module, device: torch.device) -> float:
     return float((hi - lo).abs().max().item())
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def all_reduce_sum(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     import torch.distributed as dist
 
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
 
 
@@ -91,7 +91,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     from pipeline.device import autocast
     from pipeline.model import build_from_config
     from pipeline.train import checkpoint as ckpt_io
-    from pipeline.train import data
+    from pipeline.train import data, storage
     from pipeline.train.tracking import MetricLogger, comparison_image
     from pipeline.train.validation import validate
 
@@ -136,6 +136,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     log.start_system_metrics()
     if rank == 0 and device.type == "cuda":
         log.set_tag("sr.gpu_name", torch.cuda.get_device_name(device))
+    nodes_used = int(all_reduce_sum([ctx.get_node_rank()], device, op="max")[0]) + 1
+    log.set_tag("sr.nodes_used", str(nodes_used))
+    log.set_tag("sr.world_size", str(world))
     if rank == 0 and progress.restarts:
         log.set_tag("sr.restarts_at_steps", ",".join(map(str, progress.restarts)))
 
@@ -226,8 +229,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
                 window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
 
         if stop_reason is not None:
-            # Same number of reports on every rank; no checkpoint: the last one stays the good one.
-            ray.train.report({"step": progress.step, "epoch": progress.epoch, "error": stop_reason})
+            # Every rank stops here (the decision came from all-reduced values), without a report
+            # or checkpoint: the last checkpoint stays the good one. The driver reads the reason.
+            if rank == 0:
+                say(f"error: {stop_reason}")
+                storage.write_json(storage.join(job.run_dir, storage.STOP_FILE), {"reason": stop_reason, "step": progress.step})
             break
 
         # ---- end of epoch: schedule, validation, best model, checkpoint ---------------------

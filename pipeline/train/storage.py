@@ -21,6 +21,7 @@ from typing import Any
 from pipeline.console import UserError
 
 RUN_FILE = "sr_run.json"
+STOP_FILE = "stopped.json"  # why the workers stopped on their own (non-finite losses)
 BEST_DIR = "best_model"
 
 # Filesystem types (from /proc/mounts) that are shared between machines.
@@ -121,6 +122,13 @@ def download_dir(src: str) -> tempfile.TemporaryDirectory:
     fs, p = _fs(src)
     pafs.copy_files(p, tmp.name, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return tmp
+
+
+def delete(path: str) -> None:
+    """Remove a file if it exists."""
+    if exists(path):
+        fs, p = _fs(path)
+        fs.delete_file(p)
 
 
 def filesystem_type(path: str) -> str:

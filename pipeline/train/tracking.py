@@ -8,8 +8,8 @@ Who logs what:
 * **rank 0** logs metrics, comparison images and system metrics while training.
 
 No duplicate steps: a restarted worker group resumes from the last *checkpoint*, which can be
-behind the last *logged* step. Rank 0 therefore reads the highest step already in the run and
-skips re-logging steps up to it (the values logged first stay; they came from the same
+behind the last *logged* step. Rank 0 therefore reads, per metric, the highest step already in
+the run and skips re-logging steps up to it (the values logged first stay; they came from the same
 trajectory up to the failure). Every call goes through
 :func:`pipeline.tracking.with_retries`: a tracking hiccup is logged and survived, never fatal.
 """
@@ -168,24 +168,33 @@ class MetricLogger:
     def __init__(self, uri: str | None, run_id: str | None, enabled: bool) -> None:
         self.enabled = bool(enabled and uri and run_id)
         self.uri, self.run_id = uri, run_id
-        self.floor = -1  # steps <= floor were logged before a restart
+        self.floors: dict[str, int] = {}  # per metric: steps <= floor were logged before a restart
         self._system = None
         if not self.enabled:
             return
         self.client = _client(uri)
         run = with_retries(self.client.get_run, run_id, what="MLflow get run")
-        if run is not None:
-            steps = [m.step for m in run.data._metric_objs if not m.key.startswith("system/")]
-            self.floor = max(steps, default=-1)
+        if run is not None:  # the run's latest entry of each metric carries its largest step
+            latest = getattr(run.data, "_metric_objs", None)
+            if latest is None:  # older/newer MLflow without it: read the histories (slower)
+                latest = [m for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)]
+            for m in latest:
+                if not m.key.startswith("system/"):
+                    self.floors[m.key] = max(m.step, self.floors.get(m.key, -1))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        if not self.enabled or step <= self.floor:
+        if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in metrics.items() if np.isfinite(v)]
-        with_retries(self.client.log_batch, self.run_id, metrics=batch, what="MLflow log metrics")
+        batch = [
+            Metric(k, float(v), now, step)
+            for k, v in metrics.items()
+            if np.isfinite(v) and step > self.floors.get(k, -1)
+        ]
+        if batch:
+            with_retries(self.client.log_batch, self.run_id, metrics=batch, what="MLflow log metrics")
 
     def log_image(self, image: np.ndarray, artifact_file: str) -> None:
         if not self.enabled:
