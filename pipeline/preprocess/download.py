@@ -223,10 +223,10 @@ def _plan_zip(archive: Path, root: Path, zf: zipfile.ZipFile) -> list[tuple[zipf
     plan = []
     for m in zf.infolist():
         rel = _check_name(archive, root, m.filename)
-        mode = m.external_attr >> 16
-        if stat.S_ISLNK(mode):
+        kind = stat.S_IFMT(m.external_attr >> 16)  # 0 when the zip carries no Unix file type
+        if kind == stat.S_IFLNK:
             raise _unsafe(archive, m.filename, "is a symbolic link")
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        if kind not in (0, stat.S_IFREG, stat.S_IFDIR):
             raise _unsafe(archive, m.filename, "is a special file")
         if rel:
             plan.append((m, rel))
