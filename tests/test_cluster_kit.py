@@ -496,3 +496,39 @@ def test_team_server_script_serves_only_authenticated_users(tmp_path: Path, monk
     finally:
         stop_session(proc)
         log.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The walk-through's commands exist
+# ---------------------------------------------------------------------------------------------
+
+
+def _readme_cli_calls(text: str) -> list[list[str]]:
+    """`sr-pipeline SUB --opt ...` invocations in the shell blocks of a markdown file."""
+    calls = []
+    for block in re.findall(r"```bash\n(.*?)```", text, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for match in re.finditer(r"(?<![\w-])sr-pipeline\s+([a-z][a-z-]*)(?=\s|$)([^'#|;&]*)", line):
+                before = line[: match.start()].split()
+                if before and before[-1].startswith("-") and before[-1] != "--":
+                    continue  # an option's value (kubectl -n sr-pipeline ...), not the command
+                calls.append([match.group(1), *match.group(2).split()])
+    return calls
+
+
+def test_cluster_walkthrough_uses_real_cli_options() -> None:
+    import typer.main
+
+    from pipeline.cli import app
+
+    commands = typer.main.get_command(app).commands
+    calls = _readme_cli_calls((KIT / "README.md").read_text())
+    assert {c[0] for c in calls} >= {"ui", "info", "preprocess", "train", "evaluate"}
+    for sub, *args in calls:
+        if sub == "train" and sub not in commands:
+            known = TRAIN_OPTIONS_PLANNED
+        else:
+            assert sub in commands, f"cluster/README.md runs `sr-pipeline {sub}`, which does not exist"
+            known = {o for p in commands[sub].params for o in (*p.opts, *p.secondary_opts)}
+        unknown = {a for a in args if a.startswith("--")} - known
+        assert not unknown, f"`sr-pipeline {sub}` has no {sorted(unknown)}"
