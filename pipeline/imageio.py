@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import tempfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,38 @@ def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", compress_level=compress_level)
     return buf.getvalue()
+
+
+def encode_png_fast(array: np.ndarray, compress_level: int = 1) -> bytes:
+    """PNG with the "Up" filter on every row, deflated by zlib: a valid, deterministic PNG.
+
+    Why not Pillow: its encoder tries every PNG filter per row (adaptive filtering); on photos
+    that costs ~1.6x the encode time of a fixed "Up" filter for files within ~2% of the size,
+    and its Paeth-heavy output decodes ~2x slower. The preprocess stage encodes ~4x the DIV2K
+    pixels (overlapping crops) and the train loader decodes them every epoch, so both matter.
+    """
+    arr = np.ascontiguousarray(array)
+    if arr.dtype != np.uint8 or arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (1, 3, 4)):
+        raise ValueError(f"expected HxW or HxWx{{1,3,4}} uint8, got {arr.dtype} {arr.shape}")
+    h, w = arr.shape[:2]
+    c = 1 if arr.ndim == 2 else arr.shape[2]
+    color_type = {1: 0, 3: 2, 4: 6}[c]
+    rows = arr.reshape(h, w * c)
+    raw = np.empty((h, w * c + 1), dtype=np.uint8)
+    raw[:, 0] = 2  # filter type Up: each byte minus the byte above it (mod 256)
+    raw[0, 1:] = rows[0]
+    np.subtract(rows[1:], rows[:-1], out=raw[1:, 1:])  # uint8 arithmetic wraps, as PNG wants
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(raw.tobytes(), compress_level))
+        + chunk(b"IEND", b"")
+    )
 
 
 def decode_png(data: bytes) -> np.ndarray:

@@ -26,7 +26,7 @@ def preprocess(
     shard_samples: Annotated[Optional[int], typer.Option("--shard-samples", help="Samples per shard (the last shard of a split may hold fewer; default 64).")] = None,  # noqa: UP045
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: all cores).")] = None,  # noqa: UP045
     skip_bad: Annotated[Optional[bool], typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images and list them in the manifest instead of stopping.")] = None,  # noqa: UP045
-    png_compress_level: Annotated[Optional[int], typer.Option("--png-compress-level", help="zlib level 0-9 for the stored PNGs (default 1: fast, about 10% larger than 9).")] = None,  # noqa: UP045
+    png_compress_level: Annotated[Optional[int], typer.Option("--png-compress-level", help="zlib level 0-9 for the stored PNGs (default 1: fastest; higher levels save little space for much more CPU).")] = None,  # noqa: UP045
     verify: Annotated[bool, typer.Option("--verify", help="Only re-hash the shards in --out against manifest.json.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file with preprocess options (CLI options win).")] = None,  # noqa: UP045
 ) -> None:

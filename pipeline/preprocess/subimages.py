@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.console import UserError
-from pipeline.imageio import encode_png, read_image
+from pipeline.imageio import encode_png_fast, read_image
 from pipeline.preprocess.imresize import imresize
 
 MODCROP = 12  # lcm(2, 3, 4): HR cropped to this multiple so every scale aligns
@@ -43,6 +43,7 @@ class SampleParams:
             "png_compress_level": self.png_compress_level,
             "modcrop": MODCROP,
             "resize": "matlab-bicubic-antialias",
+            "png": "filter-up-zlib",
         }
 
 
@@ -146,10 +147,10 @@ def make_samples(
     out = []
     for top, left, bh, bw in sample_boxes(h, w, task.split, params.crop, params.step):
         key = f"{task.split}_{task.stem}_{top}_{left}"
-        members = [(f"{key}.hr.png", encode_png(hr[top : top + bh, left : left + bw], params.png_compress_level))]
+        members = [(f"{key}.hr.png", encode_png_fast(hr[top : top + bh, left : left + bw], params.png_compress_level))]
         for s in params.scales:
             lr = lrs[s][top // s : (top + bh) // s, left // s : (left + bw) // s]
-            members.append((f"{key}.lr_x{s}.png", encode_png(lr, params.png_compress_level)))
+            members.append((f"{key}.lr_x{s}.png", encode_png_fast(lr, params.png_compress_level)))
         members.append((f"{key}.json", sample_json(key, task, (top, left, bh, bw), (h, w), params.scales)))
         out.append((key, members))
     return out
