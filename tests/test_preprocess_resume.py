@@ -117,3 +117,7 @@ def test_damaged_or_missing_shard_is_rebuilt_alone(t91_dir, tmp_path):
     assert shard_bytes(out) == expected
     after = _stat(out)
     assert {n for n in names if after[n] != before.get(n)} == {damaged, missing}
+    assert json.loads((out / "manifest.json").read_text())["splits"]["train"]["shards"][-1]["samples"] < 16
+    (out / names[-1]).unlink()  # the last, shorter shard
+    run_cli("preprocess", *args, check=True)
+    assert shard_bytes(out) == expected

@@ -200,6 +200,8 @@ def _ordered_results(
         fut = pending.pop(i)
         try:
             yield fut.result()
+        except MemoryError:
+            raise UserError(f"{tasks[i].path}: out of memory while preparing this image") from None
         except BrokenProcessPool:
             raise UserError(
                 f"{tasks[i].path}: a worker process died while preparing this image (out of memory? try fewer --jobs)"
@@ -250,9 +252,12 @@ class _Run:
 
     # -- producing shards ----------------------------------------------------------------------
 
-    def produce(self, ex, split: str, start: Pos, first_index: int, stop: Pos | None, bar) -> None:
+    def produce(
+        self, ex, split: str, start: Pos, first_index: int, stop: Pos | None, bar, expected: int | None = None
+    ) -> None:
         """Write shards first_index, ... from stream position `start` up to `stop` (exclusive)
-        or, when `stop` is None, to the end of the split (the last shard may be short)."""
+        or, when `stop` is None, to the end of the split (the last shard may be short).
+        Rebuilding one recorded shard passes its `stop` and `expected` sample count."""
         tasks = self.inputs.tasks[split]
         n = self.cfg.shard_samples
         last_img = len(tasks) if stop is None else (stop[0] + 1 if stop[1] else stop[0])
@@ -260,7 +265,7 @@ class _Run:
         writer: ShardWriter | None = None
         index, shard_start = first_index, start
         try:
-            for res in _ordered_results(ex, todo, self.params, window=2 * self.jobs + 2):
+            for res in _ordered_results(ex, todo, self.params, window=self.jobs + 4):
                 self._consume(res)
                 bar.advance()
                 count = len(res.samples)
@@ -278,12 +283,12 @@ class _Run:
                         writer, index = None, index + 1
                 res.samples = []  # free the encoded bytes now
             if writer is not None:
-                if stop is not None:
+                if stop is not None and writer.samples != expected:
                     raise UserError(
                         f"{self.out}: shard {mf.shard_name(split, index)} could not be rebuilt with its recorded "
                         "samples (inputs changed?); delete the folder's contents and rerun"
                     )
-                self._finish(split, index, writer, shard_start, (len(tasks), 0))
+                self._finish(split, index, writer, shard_start, stop or (len(tasks), 0))
                 writer = None
         finally:
             if writer is not None:
@@ -457,29 +462,29 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
                 for rec in journal.images[split].values():
                     if rec["error"]:
                         raise UserError(rec["error"])
-        plan: list[tuple[str, Pos, int, Pos | None]] = []
+        plan: list[tuple[str, Pos, int, Pos | None, int | None]] = []
         kept_total = 0
         for split in mf.SPLITS:
             kept, redo = _valid_journaled(out, journal, split) if resumed else ([], [])
             kept_total += len(kept)
             for index in redo:
                 rec = journal.shards[split][index]
-                plan.append((split, tuple(rec["start"]), index, tuple(rec["end"])))
+                plan.append((split, tuple(rec["start"]), index, tuple(rec["end"]), rec["samples"]))
             last = max(journal.shards[split], default=None)
             tail_start: Pos = tuple(journal.shards[split][last]["end"]) if last is not None else (0, 0)
             tail_index = 0 if last is None else last + 1
             if tail_start[0] < len(inputs.tasks[split]):
-                plan.append((split, tail_start, tail_index, None))
+                plan.append((split, tail_start, tail_index, None, None))
         n_images = sum((stop[0] + (1 if stop[1] else 0) if stop else len(inputs.tasks[s])) - start[0]
-                       for s, start, _, stop in plan)
+                       for s, start, _, stop, _ in plan)
         journal.open(fresh=not resumed)
         try:
             if kept_total:
                 console.info(f"resuming: {kept_total} complete shard(s) kept in {out}")
             if plan:
                 with _pool(jobs) as ex, console.progress_bar("preprocess", total=n_images, unit="img") as bar:
-                    for split, start, index, stop in plan:
-                        run.produce(ex, split, start, index, stop, bar)
+                    for split, start, index, stop, expected in plan:
+                        run.produce(ex, split, start, index, stop, bar, expected)
         finally:
             journal.close()
         manifest = _build_manifest(run, None)
