@@ -216,6 +216,9 @@ class EvalConfig:
     checkpoint: str | None = None
     run_id: str | None = None
     use_ema: bool = True  # evaluate the EMA weights when the checkpoint holds them
+    # Official state_dicts: read n_feats/depth/scale from the tensor shapes unless a preset or
+    # model option is imposed (the CLI sets this false when --preset is given).
+    official_from_shapes: bool = True
     data_dir: str | None = None
     benchmarks: list[str] = field(default_factory=lambda: ["Set5", "Set14", "B100", "Urban100", "Manga109"])
     scales: list[int] = field(default_factory=list)

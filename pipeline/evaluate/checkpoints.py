@@ -9,6 +9,9 @@ loader (:func:`pipeline.model.load_checkpoint`), with one-line errors that name 
 from __future__ import annotations
 
 import dataclasses
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +84,15 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text[0].split())[:200] if text else type(exc).__name__
 
 
+@contextmanager
+def _no_pickle_protocol_warning() -> Iterator[None]:
+    """torch warns about old pickle protocols before refusing or reading a file; the one-line
+    error (or success) says everything the user needs, so keep stderr to that line."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*pickle protocol", category=UserWarning)
+        yield
+
+
 def model_overrides(cfg: EvalConfig) -> tuple[str | None, dict[str, Any]]:
     """(preset, overrides) the user asked for, relative to the preset's own model config.
 
@@ -90,7 +102,7 @@ def model_overrides(cfg: EvalConfig) -> tuple[str | None, dict[str, Any]]:
     base = dataclasses.asdict(model_config(cfg.preset, cfg.model.scale))
     given = dataclasses.asdict(cfg.model)
     overrides = {k: v for k, v in given.items() if k != "scale" and v != base[k]}
-    preset = None if cfg.preset == "paper" and not overrides else cfg.preset
+    preset = None if cfg.official_from_shapes and not overrides else cfg.preset
     return preset, overrides
 
 
@@ -100,10 +112,12 @@ def load_model(path: Path, cfg: EvalConfig, scale: int | None) -> tuple[Any, str
     from pipeline.model.checkpoint import load_state_dict_strict
 
     preset, overrides = model_overrides(cfg)
-    model = load_checkpoint(path, preset=preset, scale=scale, **overrides)
+    with _no_pickle_protocol_warning():
+        model = load_checkpoint(path, preset=preset, scale=scale, **overrides)
     desc = str(path)
     if cfg.use_ema:
-        ckpt = read_checkpoint(path)
+        with _no_pickle_protocol_warning():
+            ckpt = read_checkpoint(path)
         ema = ckpt.get("ema_state_dict")
         if ema:
             load_state_dict_strict(model, ema, f"{path} (ema_state_dict)")
@@ -117,7 +131,8 @@ def model_scale(path: Path) -> int | None:
     from pipeline.model import read_checkpoint
     from pipeline.model.checkpoint import infer_architecture
 
-    ckpt = read_checkpoint(path)
+    with _no_pickle_protocol_warning():
+        ckpt = read_checkpoint(path)
     if "scale" in ckpt:
         return int(ckpt["scale"])
     try:

@@ -30,6 +30,8 @@ def _load(preset, config, set_, overrides):
 
     merged = dict(parse_sets(set_))
     merged.update({k: v for k, v in overrides.items() if v is not None})
+    if preset is not None:
+        merged["official_from_shapes"] = False  # an explicit preset is imposed, not inferred
     return load_config(EvalConfig, preset=preset, yaml_path=config, overrides=merged)
 
 
