@@ -378,7 +378,8 @@ def _valid_journaled(out: Path, journal: Journal, split: str) -> tuple[list[int]
     """(kept shard indices, journaled shards to rebuild): a shard is kept iff its file hashes
     to the journaled sha256 (a full re-read: cheap next to regenerating it)."""
     kept, redo = [], []
-    for index in sorted(journal.shards[split]):
+    indices = sorted(journal.shards[split])
+    for index in console.track(indices, f"check {split} shards", unit="shard") if indices else []:
         rec = journal.shards[split][index]
         path = out / rec["name"]
         ok = False
