@@ -186,6 +186,7 @@ def check_resources(cfg: TrainConfig, use_gpu: bool, nodes: list[dict[str, Any]]
 def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
     """Runs ON each node: can it see the storage token, the shards, the tracking server?"""
     import socket
+    import urllib.error
     import urllib.request
 
     out: dict[str, Any] = {"host": socket.gethostname(), "errors": []}
@@ -232,7 +233,7 @@ def check_reachability(
                 "s3://bucket/dir (or gs://...), or a mount shared by all nodes (add --shared-storage if "
                 f"{storage_path} is one)"
             )
-    if multi and tracking_uri.startswith(("sqlite:", "file:")) or (multi and "://" not in tracking_uri):
+    if multi and (tracking_uri.startswith(("sqlite:", "file:")) or "://" not in tracking_uri):
         raise UserError(
             f"the MLflow store {redact_uri(tracking_uri)} is a file on this machine, but rank 0 may run on "
             f"another of the {len(nodes)} nodes; start a tracking server and pass --tracking-uri http://HOST:PORT"
@@ -346,6 +347,7 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
 
     # -- 2. Ray
     import ray
+    import ray.train  # for its exception types below
 
     started, dashboard_url = connect(cfg.address, dashboard)
     status = "FAILED"

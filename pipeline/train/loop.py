@@ -73,6 +73,19 @@ def param_spread(model: torch.nn.Module, device: torch.device) -> float:
     return float((hi - lo).abs().max().item())
 
 
+def count_nodes() -> int:
+    """Distinct Ray nodes the ranks run on (by node id: two nodes may share an IP address)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    ids: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ids, node)
+    return len(set(ids))
+
+
 def all_reduce_sum(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
     import torch.distributed as dist
 
@@ -128,15 +141,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
         if rank == 0:
             say(f"resumed from checkpoint at epoch {progress.epoch}, step {progress.step}")
     best_meta = ckpt_io.read_best_meta(job.run_dir) if rank == 0 and job.run_dir else None
-    if best_meta and best_meta.get("val_psnr") is not None:  # best written after the checkpoint
-        progress.best_psnr = max(progress.best_psnr, float(best_meta["val_psnr"]))
+    if best_meta and best_meta.get("val_psnr") is not None and float(best_meta["val_psnr"]) > progress.best_psnr:
+        # a best model written after the checkpoint we resumed from (only rank 0 uses best_psnr)
+        progress.best_psnr, progress.best_step = float(best_meta["val_psnr"]), int(best_meta.get("step", -1))
 
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, NCCL on GPU)
     log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
     log.start_system_metrics()
     if rank == 0 and device.type == "cuda":
         log.set_tag("sr.gpu_name", torch.cuda.get_device_name(device))
-    nodes_used = int(all_reduce_sum([ctx.get_node_rank()], device, op="max")[0]) + 1
+    nodes_used = count_nodes()
     log.set_tag("sr.nodes_used", str(nodes_used))
     log.set_tag("sr.world_size", str(world))
     if rank == 0 and progress.restarts:

@@ -1,0 +1,125 @@
+"""Fixtures and helpers for the train tests: small real shards, fast CLI arguments, Ray state.
+
+The shards are made once per session by the real `sr-pipeline preprocess` from a few T91
+photographs: 48 px sub-images, x2 only, 19 samples per shard, so the train split has **3
+shards with odd sample counts** (19, 19, 15): with 2 ranks the shards do not divide evenly,
+which is exactly the case that hangs DDP when the loader is wrong. Every train test runs on
+them. One image is held out as the valid split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from helpers import run_cli
+
+TRAIN_IMAGES = ("t1", "t2", "t3", "t5")
+HOLDOUT_IMAGE = "t9"  # sorts last, so --holdout 1 takes it
+SHARD_SAMPLES = 19
+
+
+@pytest.fixture(scope="session")
+def train_shards(t91_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    images = tmp_path_factory.mktemp("train_images")
+    for name in (*TRAIN_IMAGES, HOLDOUT_IMAGE):
+        (images / f"{name}.png").symlink_to(t91_dir / f"{name}.png")  # read in place, never copied
+    out = tmp_path_factory.mktemp("train_shards")
+    run_cli(
+        "preprocess", "--images", str(images), "--holdout", "1", "--out", str(out), "--scales", "2",
+        "--crop", "48", "--step", "48", "--shard-samples", str(SHARD_SAMPLES), "-j", "1",
+        check=True, timeout=300,
+    )
+    manifest = json.loads((out / "manifest.json").read_text())
+    counts = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(counts) == 3 and any(c % 2 for c in counts), counts  # the uneven case we want
+    assert manifest["splits"]["valid"]["samples"] == 1
+    return out
+
+
+def shard_counts(shards: Path) -> list[int]:
+    manifest = json.loads((shards / "manifest.json").read_text())
+    return [s["samples"] for s in manifest["splits"]["train"]["shards"]]
+
+
+def tiny_args(
+    shards: Path, storage: Path, *, epochs: int = 2, iters: int = 6, workers: int = 2, extra: tuple[str, ...] = ()
+) -> list[str]:
+    """`sr-pipeline train` arguments for a seconds-long CPU job on the tiny preset."""
+    return [
+        "train", "--shards", str(shards), "--preset", "tiny", "--workers", str(workers),
+        "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--patch-size", "24",
+        "--batch-size", "4", "--storage-path", str(storage), "--no-dashboard",
+        "--set", "dist_timeout_s=120", "--set", "log_every=2", *extra,
+    ]
+
+
+def cluster_args(cluster, tracking_uri: str) -> tuple[str, ...]:
+    """Run on the two-node fixture: one worker per node (1 CPU each), shared /tmp storage."""
+    return ("--address", cluster.address, "--cpus-per-worker", "1", "--shared-storage", "--tracking-uri", tracking_uri)
+
+
+def start_cli(args: list[str], log: Path) -> subprocess.Popen:
+    """`sr-pipeline ...` in the background (own session, so it can be stopped as a group)."""
+    from helpers import BIN
+
+    with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(
+            [str(BIN / "sr-pipeline"), *args], stdout=handle, stderr=subprocess.STDOUT,
+            env=dict(os.environ), start_new_session=True,
+        )
+
+
+def registered_checkpoints(run_dir: Path) -> list[dict]:
+    """Checkpoints Ray Train's controller has registered (what a restart resumes from).
+
+    Files on disk are not enough: the controller collects reports when it polls the workers
+    (every 2 s), so a checkpoint written just before a crash may never be registered.
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    try:
+        return json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except (OSError, ValueError):
+        return []
+
+
+def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 240, count: int = 1) -> None:
+    """Until Ray Train has registered `count` checkpoints of the run (or the job ended)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(registered_checkpoints(run_dir)) >= count:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before checkpoint {count}")
+        time.sleep(0.2)
+    raise AssertionError(f"no checkpoint {count} in {run_dir} after {timeout:.0f}s")
+
+
+def train_workers(dashboard_url: str, state: str | None = "ALIVE") -> list:
+    """Ray Train worker actors of the cluster, from Ray's state API."""
+    from ray.util.state import list_actors
+
+    filters = [("class_name", "=", "RayTrainWorker")]
+    if state:
+        filters.append(("state", "=", state))
+    return list_actors(address=dashboard_url, filters=filters, detail=True, raise_on_missing_output=False)
+
+
+def runs_named(uri: str, experiment: str, ray_run_name: str) -> list:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id], filter_string=f"tags.`sr.ray_run_name` = '{ray_run_name}'")
+
+
+def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
+    from mlflow.tracking import MlflowClient
+
+    return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]

@@ -1,0 +1,209 @@
+"""Train building blocks without Ray: checkpoints, storage checks, resources, MLflow logging."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import TrainConfig, load_config
+from pipeline.console import UserError
+from pipeline.train import checkpoint, launcher, loop, storage, tracking
+
+
+def _tiny_model():
+    from pipeline.model import build_model
+
+    return build_model("tiny", 2, n_resgroups=1, n_resblocks=1, n_feats=16)
+
+
+def _optim(model):
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones=[2], gamma=0.5)
+    return opt, sched
+
+
+def _one_step(model, opt, sched):
+    x = torch.rand(2, 3, 12, 12)
+    loss = torch.nn.functional.l1_loss(model(x), torch.rand(2, 3, 24, 24))
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    sched.step()
+
+
+def test_checkpoint_round_trip_restores_everything(tmp_path: Path):
+    torch.manual_seed(0)
+    model = _tiny_model()
+    ema = _tiny_model()
+    opt, sched = _optim(model)
+    for _ in range(3):
+        _one_step(model, opt, sched)
+    progress = checkpoint.Progress(epoch=3, step=30, best_psnr=31.5, best_step=20, skipped_steps=1)
+    checkpoint.save(tmp_path, model, opt, sched, progress, ema=ema, run_id="abc", config={"lr": 1e-3})
+    expected_draw = torch.rand(4)  # the RNG continues from the saved state after a restore
+
+    torch.manual_seed(123)
+    model2, ema2 = _tiny_model(), _tiny_model()
+    opt2, sched2 = _optim(model2)
+    got, state = checkpoint.load(tmp_path, model2, opt2, sched2, ema=ema2)
+    assert got == progress and state["mlflow_run_id"] == "abc" and state["config"] == {"lr": 1e-3}
+    assert torch.equal(torch.rand(4), expected_draw)
+    for a, b in zip(model.state_dict().values(), model2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(ema.state_dict().values(), ema2.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert sched2.last_epoch == 3 and opt2.param_groups[0]["lr"] == pytest.approx(5e-4)
+    # the optimiser moments came back: one more identical step gives identical weights
+    torch.manual_seed(7)
+    _one_step(model, opt, sched)
+    torch.manual_seed(7)
+    _one_step(model2, opt2, sched2)
+    for a, b in zip(model.parameters(), model2.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_model_file_is_our_model_format(tmp_path: Path):
+    from pipeline.model import load_checkpoint
+
+    model = _tiny_model()
+    opt, sched = _optim(model)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.Progress(epoch=1, step=5))
+    loaded = load_checkpoint(tmp_path / checkpoint.MODEL_FILE)  # no flags: config from metadata
+    assert loaded.config == model.config
+
+
+def test_a_foreign_train_state_is_refused(tmp_path: Path):
+    model = _tiny_model()
+    opt, sched = _optim(model)
+    checkpoint.save(tmp_path, model, opt, sched, checkpoint.Progress())
+    torch.save({"format": "something-else"}, tmp_path / checkpoint.STATE_FILE)
+    with pytest.raises(UserError, match="not an sr-pipeline training state"):
+        checkpoint.load(tmp_path, model, opt, sched)
+    (tmp_path / checkpoint.STATE_FILE).write_bytes(b"garbage")
+    with pytest.raises(UserError, match="train_state.pt: not a readable training state"):
+        checkpoint.load(tmp_path, model, opt, sched)
+
+
+def test_best_model_export_has_both_formats(tmp_path: Path):
+    from pipeline.model import load_checkpoint
+
+    model = _tiny_model()
+    run_dir = str(tmp_path / "run")
+    checkpoint.write_best(run_dir, model, 30.25, step=12, epoch=2, run_id="r1")
+    meta = checkpoint.read_best_meta(run_dir)
+    assert meta == {"val_psnr": 30.25, "step": 12, "epoch": 2, "mlflow_run_id": "r1"}
+    plain = torch.load(Path(run_dir) / "best_model" / "state_dict.pt", weights_only=True)
+    assert set(plain) == set(model.state_dict())
+    assert load_checkpoint(Path(run_dir) / "best_model" / "model.pt").config == model.config
+
+
+# ---------------------------------------------------------------------------------------------
+# storage and preflight decisions
+# ---------------------------------------------------------------------------------------------
+
+
+def test_storage_paths_are_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.resolve("runs", Path("/x")) == str(tmp_path / "runs")
+    assert storage.resolve(None, Path("/x/y")) == "/x/y"
+    assert storage.resolve("s3://bucket/runs/", Path("/x")) == "s3://bucket/runs"
+    assert storage.is_uri("gs://b/x") and not storage.is_uri("/tmp/x") and not storage.is_uri("file:///tmp")
+
+
+def test_filesystem_type_of_local_and_missing_paths(tmp_path: Path):
+    fstype = storage.filesystem_type(str(tmp_path / "not" / "yet" / "there"))
+    assert fstype != "unknown" and not storage.is_shared_fstype(fstype)
+    assert storage.is_shared_fstype("nfs4") and storage.is_shared_fstype("fuse.s3fs")
+
+
+def _node(cpu, gpu=0.0):
+    return {"Resources": {"CPU": cpu, "GPU": gpu}}
+
+
+def test_resource_check_counts_whole_workers_per_node():
+    cfg = load_config(TrainConfig, preset="tiny", overrides={"workers": 2, "cpus_per_worker": 1})
+    launcher.check_resources(cfg, False, [_node(1), _node(1)])
+    cfg = load_config(TrainConfig, overrides={"workers": 8, "cpus_per_worker": 4, "gpus_per_worker": 1})
+    launcher.check_resources(cfg, True, [_node(16, 4), _node(16, 4)])
+    with pytest.raises(UserError, match="--workers 8 needs 8 x \\(4 CPU \\+ 1 GPU\\).*fits only 6"):
+        launcher.check_resources(cfg, True, [_node(16, 4), _node(8, 4)])
+    cfg = load_config(TrainConfig, overrides={"workers": 3, "cpus_per_worker": 1.5})
+    with pytest.raises(UserError, match="fits only 2"):  # 2 CPUs each: one 1.5-CPU worker per node
+        launcher.check_resources(cfg, False, [_node(2), _node(2)])
+
+
+def test_run_names(tmp_path: Path):
+    cfg = load_config(TrainConfig, preset="tiny")
+    name, record = launcher.choose_run(cfg, str(tmp_path))
+    assert name.startswith("dnlan-x2-") and record is None
+    assert launcher.choose_run(cfg, str(tmp_path))[0] != name  # fresh runs never collide
+    with pytest.raises(UserError, match="no run to resume"):
+        launcher.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
+    storage.write_json(str(tmp_path / "old" / storage.RUN_FILE), {"mlflow_run_id": "r", "model": {"n_feats": 64}})
+    name, record = launcher.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
+    assert name == "old" and record["mlflow_run_id"] == "r"
+    with pytest.raises(UserError, match="model.n_feats=64, not 192"):
+        launcher.check_same_model(load_config(TrainConfig), record, "old")
+    with pytest.raises(UserError, match="plain name"):
+        launcher.choose_run(load_config(TrainConfig, overrides={"run_name": "a/b"}), str(tmp_path))
+
+
+def test_global_batch_split_and_lr_scaling():
+    assert [loop.rank_batch(16, r, 3) for r in range(3)] == [6, 5, 5]
+    assert sum(loop.rank_batch(10, r, 4) for r in range(4)) == 10
+    cfg = load_config(TrainConfig, overrides={"batch_size": 64, "scale_lr": True, "workers": 4})
+    assert cfg.effective_lr == pytest.approx(4e-4) and cfg.per_worker_batch == 16
+
+
+# ---------------------------------------------------------------------------------------------
+# MLflow: no duplicate steps after a restart (real store)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_metric_logger_skips_steps_already_logged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a non-default sqlite store puts artifacts under ./mlruns
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _, resumed = tracking.open_run(uri, "t", "job", str(tmp_path))
+    assert not resumed
+    first = tracking.MetricLogger(uri, run_id, enabled=True)
+    for step in (2, 4, 6):
+        first.log({"train/loss": 1.0 / step}, step)
+    first.log({"val/psnr": 20.0}, 4)
+    # a restarted worker group resumes from the checkpoint at step 2 and logs steps 4.. again
+    again = tracking.MetricLogger(uri, run_id, enabled=True)
+    for step in (4, 6, 8):
+        again.log({"train/loss": 0.5 / step, "val/psnr": 21.0}, step)
+    client = MlflowClient(uri)
+    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8]
+    assert [m.step for m in client.get_metric_history(run_id, "val/psnr")] == [4, 6, 8]
+    again.log({"train/loss": math.nan}, 10)  # not finite: not logged, not fatal
+    assert len(client.get_metric_history(run_id, "train/loss")) == 4
+    assert tracking.open_run(uri, "t", "job", str(tmp_path), run_id)[:1] == (run_id,)
+
+
+def test_params_keep_first_values_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id, _, _ = tracking.open_run(uri, "t", "job", str(tmp_path))
+    tracking.log_params(uri, run_id, {"epochs": 10, "lr": 1e-4, "aws_secret_access_key": "x"})
+    tracking.log_params(uri, run_id, {"epochs": 20, "lr": 1e-4, "seed": 1})
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params == {"epochs": "10", "lr": "0.0001", "seed": "1"}
+    assert run.data.tags["resume.changed.epochs"] == "20"
+
+
+def test_comparison_image_is_three_panels():
+    rng = np.random.default_rng(0)
+    lr = rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)
+    hr = rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)
+    img = tracking.comparison_image(lr, hr, hr, 2, crop=16)
+    assert img.shape == (32, 3 * 32 + 8, 3) and img.dtype == np.uint8
+    np.testing.assert_array_equal(img[:, 36:68], hr[14:46, 24:56])
