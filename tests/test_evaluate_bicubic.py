@@ -81,6 +81,7 @@ def test_cli_bicubic_json_and_files(shared_data, tmp_path):
     assert set(table[0]) >= {"benchmark", "scale", "psnr", "ssim", "images", "seconds"}
     assert abs(table[0]["psnr"] - 28.42) <= 0.02 and abs(table[0]["ssim"] - 0.8104) <= 0.002
     assert "Set5" in proc.stdout and "28.429" in proc.stdout
+    assert "Set5 x4: 5 img in" in proc.stderr  # the progress bar's quiet-mode summary line
     lines = (out / "per_image.csv").read_text().splitlines()
     assert lines[0].startswith("benchmark,scale,image,repeat,psnr,ssim")
     assert len(lines) == 6 and {ln.split(",")[2] for ln in lines[1:]} == {

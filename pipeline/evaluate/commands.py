@@ -226,7 +226,7 @@ def upscale_cmd(
         Opt[list[str]], typer.Option("--set", help="Override one value: KEY=VALUE.")
     ] = None,
     tiling: Annotated[str, typer.Option(help=_TILING_HELP)] = "overlap",
-    tile: Annotated[int, typer.Option(help="Overlap tiling: tile side in LR pixels.")] = 128,
+    tile: Annotated[int, typer.Option(help="Overlap tiling: tile side in LR pixels.")] = 192,
     tile_overlap: Annotated[
         int, typer.Option("--tile-overlap", help="Overlap tiling: context pixels.")
     ] = 16,

@@ -143,6 +143,87 @@ def _figure_row(
     )
 
 
+@dataclass
+class _ImageResult:
+    rows: list[ImageRow]
+    sr: np.ndarray  # output of the first repeat
+    bicubic: np.ndarray
+    seconds: float
+
+
+def _evaluate_image(
+    upscaler: Upscaler,
+    is_bicubic: bool,
+    bench: str,
+    sample: Sample,
+    scale: int,
+    repeats: int,
+    label: str,
+) -> _ImageResult:
+    """Bicubic reference plus ``repeats`` runs of the method on one sample, scored."""
+    t0 = time.perf_counter()
+    bic = upscaler(sample.lr, 0) if is_bicubic else _resize(sample.lr, scale)
+    bic_seconds = time.perf_counter() - t0
+    bic_p = metrics.psnr(bic, sample.hr, scale)
+    bic_s = metrics.ssim(bic, sample.hr, scale)
+    rows, first, total = [], None, 0.0
+    for k in range(repeats):
+        if is_bicubic:
+            sr, dt = bic, bic_seconds
+        else:
+            t0 = time.perf_counter()
+            sr = upscaler(sample.lr, k)
+            dt = time.perf_counter() - t0
+        if sr.shape[:2] != sample.hr.shape[:2]:
+            raise UserError(
+                f"{sample.hr_path}: {label} returned {sr.shape[1]}x{sr.shape[0]}, expected "
+                f"{sample.hr.shape[1]}x{sample.hr.shape[0]} (x{scale} of the LR)"
+            )
+        total += dt
+        first = sr if first is None else first
+        rows.append(
+            ImageRow(
+                benchmark=bench,
+                scale=scale,
+                image=sample.name,
+                repeat=k,
+                psnr=metrics.psnr(sr, sample.hr, scale),
+                ssim=metrics.ssim(sr, sample.hr, scale),
+                bicubic_psnr=bic_p,
+                bicubic_ssim=bic_s,
+                seconds=dt,
+                lr_width=sample.lr.shape[1],
+                lr_height=sample.lr.shape[0],
+                grey=sample.grey,
+                lr_source=str(sample.lr_path) if sample.lr_path else "generated",
+            )
+        )
+    assert first is not None
+    return _ImageResult(rows, first, bic, total)
+
+
+def _summarise(
+    bench: str, scale: int, rows: list[ImageRow], repeats: int, seconds: float
+) -> Summary:
+    """Mean over images per repeat; mean and sample std of those over repeats."""
+    psnr = np.array([[r.psnr for r in rows if r.repeat == k] for k in range(repeats)]).mean(axis=1)
+    ssim = np.array([[r.ssim for r in rows if r.repeat == k] for k in range(repeats)]).mean(axis=1)
+    first = [r for r in rows if r.repeat == 0]
+    return Summary(
+        benchmark=bench,
+        scale=scale,
+        psnr=float(psnr.mean()),
+        ssim=float(ssim.mean()),
+        images=len(first),
+        seconds=seconds,
+        repeats=repeats,
+        psnr_std=float(psnr.std(ddof=1)) if repeats > 1 else 0.0,
+        ssim_std=float(ssim.std(ddof=1)) if repeats > 1 else 0.0,
+        bicubic_psnr=float(np.mean([r.bicubic_psnr for r in first])),
+        bicubic_ssim=float(np.mean([r.bicubic_ssim for r in first])),
+    )
+
+
 def run_benchmarks(
     upscalers: dict[int, Upscaler],
     method: str,
@@ -168,92 +249,36 @@ def run_benchmarks(
         if max_images:
             files = files[:max_images]
         for scale in scales:
-            upscaler = upscalers[scale]
-            psnrs = np.zeros((len(files), repeats))
-            ssims = np.zeros((len(files), repeats))
-            bic_psnrs, bic_ssims = [], []
+            rows: list[ImageRow] = []
             seconds = 0.0
             candidates: list[FigureRow] = []
-            with console.progress_bar(
-                f"{bench.name} x{scale}", total=len(files) * repeats, unit="img"
-            ) as bar:
-                for i, path in enumerate(files):
+            total = len(files) * repeats
+            with console.progress_bar(f"{bench.name} x{scale}", total=total, unit="img") as bar:
+                for path in files:
                     sample = load_sample(bench, path, scale, _resize)
-                    t0 = time.perf_counter()
-                    bic = upscaler(sample.lr, 0) if is_bicubic else _resize(sample.lr, scale)
-                    bic_seconds = time.perf_counter() - t0
-                    bic_p = metrics.psnr(bic, sample.hr, scale)
-                    bic_s = metrics.ssim(bic, sample.hr, scale)
-                    bic_psnrs.append(bic_p)
-                    bic_ssims.append(bic_s)
-                    first_sr = None
-                    for k in range(repeats):
-                        if is_bicubic:
-                            sr, dt = bic, bic_seconds
-                        else:
-                            t0 = time.perf_counter()
-                            sr = upscaler(sample.lr, k)
-                            dt = time.perf_counter() - t0
-                        if sr.shape[:2] != sample.hr.shape[:2]:
-                            raise UserError(
-                                f"{path}: {label} returned {sr.shape[1]}x{sr.shape[0]}, expected "
-                                f"{sample.hr.shape[1]}x{sample.hr.shape[0]} (x{scale} of the LR)"
-                            )
-                        seconds += dt
-                        p = metrics.psnr(sr, sample.hr, scale)
-                        s = metrics.ssim(sr, sample.hr, scale)
-                        psnrs[i, k], ssims[i, k] = p, s
-                        out.rows.append(
-                            ImageRow(
-                                benchmark=bench.name,
-                                scale=scale,
-                                image=sample.name,
-                                repeat=k,
-                                psnr=p,
-                                ssim=s,
-                                bicubic_psnr=bic_p,
-                                bicubic_ssim=bic_s,
-                                seconds=dt,
-                                lr_width=sample.lr.shape[1],
-                                lr_height=sample.lr.shape[0],
-                                grey=sample.grey,
-                                lr_source=str(sample.lr_path) if sample.lr_path else "generated",
-                            )
-                        )
-                        if k == 0:
-                            first_sr = sr
-                        bar.advance()
-                    assert first_sr is not None
+                    res = _evaluate_image(
+                        upscalers[scale], is_bicubic, bench.name, sample, scale, repeats, label
+                    )
+                    rows += res.rows
+                    seconds += res.seconds
+                    bar.advance(repeats)
                     if save_dir is not None:
                         folder = save_dir / bench.name / f"x{scale}"
                         folder.mkdir(parents=True, exist_ok=True)
-                        write_png(folder / f"{sample.name}_x{scale}.png", first_sr)
+                        write_png(folder / f"{sample.name}_x{scale}.png", res.sr)
                     if figure_images:
+                        mean_psnr = float(np.mean([r.psnr for r in res.rows]))
+                        bic_psnr = res.rows[0].bicubic_psnr
                         candidates.append(
                             _figure_row(
-                                sample, bic, first_sr, float(psnrs[i].mean()), bic_p, not is_bicubic
+                                sample, res.bicubic, res.sr, mean_psnr, bic_psnr, not is_bicubic
                             )
                         )
                         # keep the best few (by gain over bicubic; first images on ties)
                         candidates.sort(key=lambda r: -r.gain)
                         del candidates[figure_images:]
-            per_repeat_psnr = psnrs.mean(axis=0)
-            per_repeat_ssim = ssims.mean(axis=0)
-            out.summaries.append(
-                Summary(
-                    benchmark=bench.name,
-                    scale=scale,
-                    psnr=float(per_repeat_psnr.mean()),
-                    ssim=float(per_repeat_ssim.mean()),
-                    images=len(files),
-                    seconds=seconds,
-                    repeats=repeats,
-                    psnr_std=float(per_repeat_psnr.std(ddof=1)) if repeats > 1 else 0.0,
-                    ssim_std=float(per_repeat_ssim.std(ddof=1)) if repeats > 1 else 0.0,
-                    bicubic_psnr=float(np.mean(bic_psnrs)),
-                    bicubic_ssim=float(np.mean(bic_ssims)),
-                )
-            )
+            out.rows += rows
+            out.summaries.append(_summarise(bench.name, scale, rows, repeats, seconds))
             if candidates:
                 out.figures[(bench.name, scale)] = candidates
     return out
