@@ -47,6 +47,7 @@ def test_new_run_with_metrics_params_and_artifacts(mlflow_server, shared_data, t
         "eval/Set5/x4/ssim",
     }
     assert run.data.params["method"] == "bicubic" and run.data.params["scales"] == "2,4"
+    assert not any(k.startswith("model.") or k == "preset" for k in run.data.params)  # no network
     assert run.data.tags["sr_pipeline.stage"] == "evaluate"
     assert run.info.status == "FINISHED"
     assert _artifacts(client, run.info.run_id) == {
@@ -95,11 +96,17 @@ def test_run_id_resolves_best_model_and_attaches_results(
     stamp = rep.out_dir.name
     assert {f"evaluation/{stamp}/per_image.csv", f"evaluation/{stamp}/summary.json",
             f"evaluation/{stamp}/figures/Mini_x2.png"} <= arts  # fmt: skip
-    # same number as evaluating that file directly
+    # same number as evaluating that file directly (into a new run labelled with its real config)
     direct = load_config(EvalConfig, overrides={
-        "checkpoint": str(ours), "benchmarks": [str(mini_bench)], "mlflow": False, "out": str(tmp_path / "d"),
+        "checkpoint": str(ours), "benchmarks": [str(mini_bench)], "tracking_uri": mlflow_server.uri,
+        "experiment": "direct-eval", "out": str(tmp_path / "d"),
     })  # fmt: skip
-    assert evaluate(direct).outcome.summaries[0].psnr == psnr
+    rep2 = evaluate(direct)
+    assert rep2.outcome.summaries[0].psnr == psnr
+    params = client.get_run(rep2.run_id).data.params
+    assert (
+        params["model.n_feats"] == "64" and params["model.n_resgroups"] == "2"
+    )  # not the preset's 192
 
 
 def test_run_id_errors(mlflow_server, mini_bench, tmp_path):

@@ -179,6 +179,13 @@ def test_ray_folders(mini_bench, tiny_checkpoints, tmp_path):
         UserError, match=r"a Ray run folder, not one checkpoint; pick one of its checkpoints"
     ):
         evaluate(_cfg(mini_bench, tmp_path, checkpoint=str(tiny_checkpoints.ray_dir_x2.parent)))
+    best = tmp_path / "run" / "best_model"
+    best.mkdir(parents=True)
+    (best / "model.pt").write_bytes(tiny_checkpoints.ours_x2.read_bytes())
+    (tmp_path / "run" / "checkpoint_000001").mkdir()
+    from pipeline.evaluate.checkpoints import checkpoint_file
+
+    assert checkpoint_file(tmp_path / "run") == best / "model.pt"  # a run folder: its best model
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match=r"empty: folder holds no model.pt"):
         evaluate(_cfg(mini_bench, tmp_path, checkpoint=str(tmp_path / "empty")))

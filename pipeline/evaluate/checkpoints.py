@@ -32,6 +32,10 @@ def checkpoint_file(path: str | Path) -> Path:
         candidate = p / RAY_MODEL_FILE
         if candidate.is_file():
             return candidate
+        best = p / "best_model" / RAY_MODEL_FILE
+        if best.is_file():  # a training run folder: its best model by validation PSNR
+            console.info(f"{p}: training run folder; evaluating its best model {best}")
+            return best
         nested = sorted(p.glob(f"checkpoint_*/{RAY_MODEL_FILE}"))
         if nested:
             raise UserError(

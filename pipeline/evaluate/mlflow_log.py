@@ -36,6 +36,21 @@ def metric_values(report: EvalReport) -> dict[str, float]:
     return out
 
 
+def run_params(cfg: EvalConfig, report: EvalReport) -> dict[str, str]:
+    """The flattened config, with ``model.*`` replaced by the network actually evaluated.
+
+    ``cfg.model`` is only the preset used for official state_dicts; our checkpoints carry their
+    own config, and bicubic has none, so logging ``cfg.model`` as-is would mislabel the run.
+    """
+    flat = {k: v for k, v in flatten(cfg).items() if not k.startswith("model.")}
+    config = report.outcome.model_config
+    if config is not None:
+        flat.update({f"model.{k}": str(v) for k, v in config.items()})
+    else:
+        flat.pop("preset", None)
+    return flat
+
+
 def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str | None, str | None]:
     """Log metrics, params (new runs only) and artifacts; returns (run id, browser link)."""
     from mlflow.entities import Metric, Param, RunTag
@@ -70,7 +85,7 @@ def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str |
             return None, None
         run_id = run.info.run_id
         artifact_path = "evaluation"
-        flat = flatten(cfg)
+        flat = run_params(cfg, report)
         flat["tracking_uri"] = redact_uri(uri)
         params = [Param(k, v) for k, v in safe_params(flat).items()]
     with_retries(

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -76,6 +77,7 @@ class Outcome:
     rows: list[ImageRow] = field(default_factory=list)
     figures: dict[tuple[str, int], list[FigureRow]] = field(default_factory=dict)
     source: str = ""
+    model_config: dict[str, Any] | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,6 +356,7 @@ def evaluate(cfg: EvalConfig) -> EvalReport:
             save_dir=prep.out_dir / "images" if cfg.save_images else None,
         )
         outcome.source = m.source
+        outcome.model_config = m.model_config
         csv_path = report.write_csv(prep.out_dir / "per_image.csv", outcome.rows)
         json_path = report.write_json(prep.out_dir / "summary.json", outcome.summaries)
         if cfg.json_path:

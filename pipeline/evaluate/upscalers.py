@@ -9,6 +9,7 @@ exactly as the reference saves it (x255/rgb_range, clamp, round).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -129,6 +130,7 @@ class Method:
     label: str  # shown in tables and figures
     source: str  # where the weights came from (or "bicubic")
     upscalers: dict[int, Upscaler]
+    model_config: dict[str, Any] | None = None  # the loaded network's config (None: bicubic)
 
     @property
     def scales(self) -> list[int]:
@@ -188,4 +190,4 @@ def method_from_config(
         on_tile=on_tile,
     )
     source = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
-    return Method("dnlan", "DNLAN", source, {scale: upscaler})
+    return Method("dnlan", "DNLAN", source, {scale: upscaler}, dataclasses.asdict(model.config))
