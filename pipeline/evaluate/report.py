@@ -47,7 +47,7 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
     for s in summaries:
         row = [s.benchmark, f"x{s.scale}", _fmt(s.psnr, 3), _fmt(s.ssim, 4)]
         if stochastic:
-            row.insert(3, _fmt(s.psnr_std, 3))
+            row.insert(3, _fmt(s.psnr_std, 4))
             row.append(_fmt(s.ssim_std, 4))
         if with_bicubic:
             row += [_fmt(s.bicubic_psnr, 3), _fmt(s.bicubic_ssim, 4)]

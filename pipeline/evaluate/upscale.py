@@ -106,10 +106,16 @@ def upscale_files(
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = output_paths(inputs, out_dir, scale)
     written = []
-    with console.progress_bar(f"upscale x{scale}{label}", total=len(inputs), unit="img") as bar:
+    desc = f"upscale x{scale}{label}"
+    with console.progress_bar(desc, total=len(inputs), unit="img") as bar:
         for src, dst in zip(inputs, targets, strict=True):
             image = read_user_image(src)
+            if hasattr(upscaler, "on_tile"):  # big images: show the tile being worked on
+                upscaler.on_tile = lambda d, t, name=src.name: bar.set_description(
+                    f"{desc}: {name} tile {d}/{t}"
+                )
             write_png(dst, upscale_image(image, upscaler, scale))
             written.append(dst)
+            bar.set_description(desc)
             bar.advance()
     return written
