@@ -34,7 +34,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -224,7 +224,6 @@ class _Run:
     skip_bad: bool
     manifest_removed: bool = False
     converted: int = 0
-    written: dict[str, list[int]] = field(default_factory=lambda: {"train": [], "valid": []})
     fresh_images: int = 0
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -298,7 +297,6 @@ class _Run:
         old = self.journal.shards[split].get(index)
         info = writer.finish()
         self.journal.shard(split, index, info, start, end)
-        self.written[split].append(index)
         if old is not None and old["sha256"] != info.sha256:
             console.warn(f"{info.name}: rebuilt shard differs from the previous run's bytes (library versions changed?)")
 
@@ -389,7 +387,7 @@ def _valid_journaled(out: Path, journal: Journal, split: str) -> tuple[list[int]
     return kept, redo
 
 
-def _build_manifest(run: _Run, old_created: str | None) -> dict[str, Any]:
+def _build_manifest(run: _Run) -> dict[str, Any]:
     splits: dict[str, Any] = {}
     skipped = []
     for split in mf.SPLITS:
@@ -412,7 +410,7 @@ def _build_manifest(run: _Run, old_created: str | None) -> dict[str, Any]:
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
         "dataset": run.inputs.dataset,
-        "created": old_created or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
         "params": {**run.params.as_dict(), "shard_samples": run.cfg.shard_samples},
         "inputs": run.inputs.roots,
@@ -488,7 +486,7 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
                         run.produce(ex, split, start, index, stop, bar, expected)
         finally:
             journal.close()
-        manifest = _build_manifest(run, None)
+        manifest = _build_manifest(run)
         if not plan and old_manifest is not None:
             same = {k: v for k, v in old_manifest.items() if k != "created"} == {
                 k: v for k, v in manifest.items() if k != "created"}
