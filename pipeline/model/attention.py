@@ -36,7 +36,7 @@ SAMPLING_RATIO = 0.1  # probability that a projection entry is 1
 COLUMNS_PER_BIT = 20  # E / hl in the reference (embedding size 20 * hash length)
 KEY_EPS = 5e-5  # key normalisation epsilon
 MAX_BUCKET_BITS = 7  # auto hash length never exceeds 128 buckets
-BLOCK_ELEMENTS = 1 << 22  # logits per block of chunks (16 MiB float32): bounds transient memory
+BLOCK_ELEMENTS = 1 << 20  # logits per block of chunks (4 MiB float32): stays cache-friendly
 
 HashMode = Literal["stochastic", "fixed"]
 
@@ -244,6 +244,9 @@ def sparse_attention(q: Tensor, v: Tensor, codes: Tensor, n_hashes: int, chunk_s
     target = (tokens + (torch.arange(n, device=device) * length)[:, None, None]).reshape(-1)
     y = torch.zeros((n * length, feats), dtype=contrib.dtype, device=device)
     y = y.index_add(0, target, contrib.reshape(-1, feats))
+    if y.requires_grad:
+        # the incoming gradient is a transposed view (image layout); its backward gathers rows
+        y.register_hook(lambda g: g.contiguous())
     return y.view(n, length, feats)
 
 
@@ -258,8 +261,10 @@ def dnla_core(q_img: Tensor, v_img: Tensor, projection: Tensor, chunk_size: int)
     n_hashes = projection.shape[1]
     bits = projection.shape[-1] // COLUMNS_PER_BIT
     with torch.autocast(q_img.device.type, enabled=False):
-        q = q_img.to(torch.float32).reshape(n, channels, h * w).transpose(1, 2)
-        v = v_img.to(torch.float32).reshape(n, feats, h * w).transpose(1, 2)
+        # token-major copies: the bucket gathers read whole rows, which must be contiguous
+        # (gathering rows of the channel-major view costs a cache miss per element)
+        q = q_img.to(torch.float32).reshape(n, channels, h * w).transpose(1, 2).contiguous()
+        v = v_img.to(torch.float32).reshape(n, feats, h * w).transpose(1, 2).contiguous()
         codes = fly_hash(q, bit_weights(projection).to(q.device), n_hashes, bits)
         y = sparse_attention(q, v, codes, n_hashes, chunk_size)
         y = y.transpose(1, 2).reshape(n, feats, h, w)
