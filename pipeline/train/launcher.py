@@ -32,8 +32,11 @@ from pipeline.console import UserError
 from pipeline.train import storage
 from pipeline.train.loop import JobSpec
 
-# Environment variables workers need from the driver (credentials are passed, never logged).
-PROPAGATED_ENV_PREFIXES = ("MLFLOW_", "AWS_", "GOOGLE_", "AZURE_", "NCCL_", "GLOO_", "SR_PIPELINE_")
+# Settings workers take from the driver's environment. Credentials are NOT passed: a job's
+# runtime environment is shown by the Ray dashboard; every node needs its own (cluster/README.md),
+# and the preflight probe checks that each node's credentials are accepted.
+PROPAGATED_ENV_PREFIXES = ("MLFLOW_", "NCCL_", "GLOO_", "SR_PIPELINE_")
+SECRET_MARKERS = ("PASSWORD", "TOKEN", "SECRET", "USERNAME", "KEY", "CREDENTIAL")
 
 
 @dataclass
@@ -103,8 +106,14 @@ def resolve_data(cfg: TrainConfig) -> JobSpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k.startswith(PROPAGATED_ENV_PREFIXES)}
+def _worker_env(address: str | None) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items()
+        if k.startswith(PROPAGATED_ENV_PREFIXES) and not any(m in k for m in SECRET_MARKERS)
+    }
+    if address:  # Ray Train's helper actors look the cluster up by address (several may run here)
+        env["RAY_ADDRESS"] = address
+    return env
 
 
 def connect(address: str | None, dashboard: bool) -> tuple[bool, str | None]:
@@ -112,7 +121,7 @@ def connect(address: str | None, dashboard: bool) -> tuple[bool, str | None]:
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": _worker_env()}
+    runtime_env = {"env_vars": _worker_env(address)}
     try:
         if address:
             ctx = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
@@ -203,14 +212,30 @@ def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
         out["errors"].append(f"{len(missing)} data file(s) missing, e.g. {missing[0]}")
     uri = checks.get("tracking_uri")
     if uri and uri.startswith(("http://", "https://")):
+        # An authenticated API call with THIS node's credentials (as rank 0 will make them).
+        request = urllib.request.Request(uri.rstrip("/") + "/api/2.0/mlflow/experiments/search?max_results=1")
+        user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+        token = os.environ.get("MLFLOW_TRACKING_TOKEN")
+        if user and password:
+            import base64
+
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        elif token:
+            request.add_header("Authorization", f"Bearer {token}")
+        shown = checks["tracking_shown"]
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=10):
+            with urllib.request.urlopen(request, timeout=10):
                 pass
         except urllib.error.HTTPError as exc:
-            if exc.code not in (401, 403):
-                out["errors"].append(f"tracking server answered HTTP {exc.code}")
+            if exc.code in (401, 403):
+                out["errors"].append(
+                    f"tracking server {shown} refused this node's credentials (HTTP {exc.code}); set "
+                    "MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) on every node"
+                )
+            else:
+                out["errors"].append(f"tracking server {shown} answered HTTP {exc.code}")
         except Exception as exc:
-            out["errors"].append(f"tracking server {checks['tracking_shown']} not reachable ({getattr(exc, 'reason', exc)})")
+            out["errors"].append(f"tracking server {shown} not reachable ({getattr(exc, 'reason', exc)})")
     return out
 
 
