@@ -155,3 +155,24 @@ def test_stochastic_layer_redraws_and_fixed_layer_does_not():
         assert not torch.equal(layer(x), layer(x))
         layer.set_hash_mode("fixed", 4)
         assert torch.equal(layer(x), layer(x))
+
+
+@pytest.mark.parametrize("chunks_per_block", [1, 2, 5])
+def test_blocked_attention_matches_oracle(monkeypatch, chunks_per_block):
+    """Blocks of chunks (incl. a ragged last block) give the single-block result."""
+    import pipeline.model.attention as attention
+
+    chunk = 16
+    monkeypatch.setattr(attention, "BLOCK_ELEMENTS", chunks_per_block * 3 * chunk * chunk)
+    assert attention._block_size(chunk, torch.device("cpu")) == chunks_per_block
+    layer = make_layer(16, chunk, 3, seed=2)
+    x = torch.randn(2, 16, 11, 13, requires_grad=True)  # 9 chunks per round, 54 in all
+    projection = layer.projection(3, x.device)
+    y_fast = layer(x)
+    y_ref, _ = oracle_dnla(x, layer.conv_match, layer.conv_assembly, projection, chunk, 0.1)
+    assert (y_fast - y_ref).abs().max() <= 1e-5
+    grad = torch.randn_like(y_fast)
+    inputs = [x, *layer.parameters()]
+    for a, b in zip(torch.autograd.grad(y_fast, inputs, grad),
+                    torch.autograd.grad(y_ref, inputs, grad), strict=True):
+        assert (a - b).abs().max() <= 1e-5 * max(1.0, float(b.abs().max()))

@@ -255,3 +255,28 @@ def test_attention_layer_is_the_reference_module_layout():
         DecoupledNonLocalAttention(18, reduction=4)
     u = draw_projection(3, 4, 2, generator=torch.Generator().manual_seed(0))
     assert u.shape == (1, 3, 4, 40) and u.dtype == torch.float32
+
+
+def test_temporary_hash_mode_restores_each_layer():
+    from pipeline.model import hash_mode_of, temporary_hash_mode
+
+    model = small()
+    x = torch.rand(1, 3, 9, 9)
+    assert hash_mode_of(model) == "stochastic"
+    with temporary_hash_mode(model, "fixed", 3), torch.no_grad():
+        assert hash_mode_of(model) == "fixed"
+        y = model(x)
+    assert hash_mode_of(model) == "stochastic"
+    set_hash_mode(model, "fixed", 3)
+    with torch.no_grad():
+        assert torch.equal(model(x), y)
+    model.attention_layers()[0].set_hash_mode("fixed", 9)
+    with temporary_hash_mode(model, "stochastic"):
+        assert hash_mode_of(model) == "stochastic"
+    assert hash_mode_of(model) == "fixed"
+    assert [layer.hash_seed for layer in model.attention_layers()] == [9, 4]
+    set_hash_mode(model, "stochastic")
+    model.attention_layers()[1].set_hash_mode("fixed", 1)
+    assert hash_mode_of(model) == "mixed"
+    with pytest.raises(ValueError):
+        set_hash_mode(model, "sometimes")  # type: ignore[arg-type]

@@ -17,7 +17,9 @@ from pipeline.model.dnlan import (
     build_from_config,
     build_model,
     count_parameters,
+    hash_mode_of,
     set_hash_mode,
+    temporary_hash_mode,
 )
 
 __all__ = [
@@ -26,9 +28,11 @@ __all__ = [
     "build_from_config",
     "build_model",
     "count_parameters",
+    "hash_mode_of",
     "export_state_dict",
     "load_checkpoint",
     "read_checkpoint",
     "save_checkpoint",
     "set_hash_mode",
+    "temporary_hash_mode",
 ]

@@ -36,7 +36,11 @@ SAMPLING_RATIO = 0.1  # probability that a projection entry is 1
 COLUMNS_PER_BIT = 20  # E / hl in the reference (embedding size 20 * hash length)
 KEY_EPS = 5e-5  # key normalisation epsilon
 MAX_BUCKET_BITS = 7  # auto hash length never exceeds 128 buckets
-BLOCK_ELEMENTS = 1 << 20  # logits per block of chunks (4 MiB float32): stays cache-friendly
+# logits per block of chunks: 4 MiB float32 keeps a block's chain (matmul, exp, matmul) in
+# cache on CPU (measured: 1.4x faster than 16 MiB blocks at 96^2); GPUs prefer fewer, larger
+# launches and have the memory for them
+BLOCK_ELEMENTS = 1 << 20
+BLOCK_ELEMENTS_CUDA = 1 << 25
 
 HashMode = Literal["stochastic", "fixed"]
 
@@ -143,8 +147,9 @@ def adjacent_chunks(rounds: int, n_chunks: int, device: torch.device) -> Tensor:
     return torch.stack([own, prev, nxt], dim=-1).reshape(rounds * n_chunks, 3)
 
 
-def _block_size(chunk_size: int) -> int:
-    return max(1, BLOCK_ELEMENTS // (3 * chunk_size * chunk_size))
+def _block_size(chunk_size: int, device: torch.device) -> int:
+    budget = BLOCK_ELEMENTS_CUDA if device.type == "cuda" else BLOCK_ELEMENTS
+    return max(1, budget // (3 * chunk_size * chunk_size))
 
 
 class _AdjacentChunkAttention(torch.autograd.Function):
@@ -161,7 +166,7 @@ class _AdjacentChunkAttention(torch.autograd.Function):
         feats = v.shape[-1]
         out = torch.empty((t, cs, feats), dtype=q.dtype, device=q.device)
         lse = torch.empty((t, cs), dtype=q.dtype, device=q.device)
-        step = _block_size(cs)
+        step = _block_size(cs, q.device)
         for s in range(0, t, step):
             e = min(t, s + step)
             ids = adj[s:e].reshape(-1)
@@ -192,7 +197,7 @@ class _AdjacentChunkAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
-        step = _block_size(cs)
+        step = _block_size(cs, q.device)
         for s in range(0, t, step):
             e = min(t, s + step)
             ids = adj[s:e].reshape(-1)

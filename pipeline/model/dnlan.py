@@ -9,7 +9,9 @@ consumes the RNG in the same sequence.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -155,6 +157,30 @@ def set_hash_mode(model: nn.Module, mode: HashMode, seed: int = 0) -> nn.Module:
     for i, layer in enumerate(layers):
         layer.set_hash_mode(mode, seed + i if mode == "fixed" else None)
     return model
+
+
+def hash_mode_of(model: nn.Module) -> str:
+    """``stochastic``, ``fixed`` or ``mixed`` (layers disagree); ``none`` without DNLA layers."""
+    modes = {m.hash_mode for m in model.modules() if isinstance(m, DecoupledNonLocalAttention)}
+    if not modes:
+        return "none"
+    return modes.pop() if len(modes) == 1 else "mixed"
+
+
+@contextlib.contextmanager
+def temporary_hash_mode(model: nn.Module, mode: HashMode, seed: int = 0) -> Iterator[nn.Module]:
+    """Run a block (e.g. validation during training) in ``mode``; restore every layer after.
+
+    Restoring a fixed layer redraws the same projection from its stored seed.
+    """
+    layers = [m for m in model.modules() if isinstance(m, DecoupledNonLocalAttention)]
+    saved = [(layer.hash_mode, layer.hash_seed) for layer in layers]
+    set_hash_mode(model, mode, seed)
+    try:
+        yield model
+    finally:
+        for layer, (old_mode, old_seed) in zip(layers, saved, strict=True):
+            layer.set_hash_mode(old_mode, old_seed)
 
 
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
