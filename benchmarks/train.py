@@ -1,0 +1,158 @@
+"""Training throughput of the `tiny` preset: real shard loader vs synthetic batches; 1 vs 2 workers.
+
+Part A (one process, no Ray): the same training step (tiny DNLAN, L1, Adam, global batch 8,
+HR patch 48, x2) fed (a) from pre-made uint8 batches in memory, (b) from the real shard loader
+(`PatchStream` + one DataLoader process, as `tiny` runs it). Ratio (b)/(a): how much the input
+pipeline slows training down. Target: >= 90%.
+
+Part B (the product path): `sr-pipeline train` on a local Ray instance with 1 worker (2 CPUs)
+and with 2 DDP workers (1 CPU each), same global batch; samples/s and data-wait fraction are
+read back from the MLflow run (median over the logged windows after the first epoch).
+
+Shards: sub-images of 480 px (the DIV2K layout) made by the real preprocess code from Set14
+photographs upscaled to 2040 px (DIV2K's size; DIV2K itself is not on this machine).
+Anything that starts Ray must run in a loopback-only namespace here:
+
+    unshare -n sh -c 'ip link set lo up; python benchmarks/train.py [--seconds 40] [--epochs 3]'
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("SR_PIPELINE_QUIET", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from loader import make_sources  # noqa: E402
+
+from pipeline.config import PreprocessConfig, TrainConfig, load_config  # noqa: E402
+from pipeline.model import build_from_config  # noqa: E402
+from pipeline.preprocess.shards import run_preprocess  # noqa: E402
+from pipeline.train import data  # noqa: E402
+
+BIN = Path(sys.executable).parent
+
+
+def part_a(cfg: TrainConfig, paths: list[str], counts: list[int], seconds: float, rounds: int = 4) -> tuple[float, float]:
+    """Samples/s of the real step (forward, L1, backward, Adam) fed synthetic vs real batches.
+
+    The two inputs alternate in `rounds` windows on the same model, so load from other
+    processes on a shared machine hits both alike.
+    """
+    stream = data.PatchStream(paths, counts, 2, cfg.patch_size, cfg.batch_size, seed=0)
+    fixed = [b for _, b in zip(range(16), iter(stream), strict=False)]  # 16 real batches, reused
+
+    def synthetic() -> Iterator:
+        while True:
+            yield from fixed
+
+    inputs = {"synthetic": synthetic(), "real": iter(data.make_train_loader(stream, cfg.loader_workers, pin_memory=False))}
+    torch.manual_seed(0)
+    model = build_from_config(cfg.model)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.lr)
+    dev = torch.device("cpu")
+
+    def step(batches: Iterator) -> None:
+        lr_u8, hr_u8 = next(batches)
+        x, y = data.to_model_range(lr_u8, dev, 1.0), data.to_model_range(hr_u8, dev, 1.0)
+        loss = torch.nn.functional.l1_loss(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for it in inputs.values():  # warm-up (the real loader fills its shuffle buffer here)
+        for _ in range(3):
+            step(it)
+    totals = {k: [0, 0.0] for k in inputs}
+    for _ in range(rounds):
+        for name, it in inputs.items():
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / rounds:
+                step(it)
+                n += cfg.batch_size
+            totals[name][0] += n
+            totals[name][1] += time.perf_counter() - t0
+    return totals["synthetic"][0] / totals["synthetic"][1], totals["real"][0] / totals["real"][1]
+
+
+def part_b(shards: Path, home: Path, workers: int, epochs: int, iters: int) -> tuple[float, float, float]:
+    """(median samples/s, median data-wait, wall seconds) of a real `sr-pipeline train` job."""
+    from mlflow.tracking import MlflowClient
+
+    env = dict(os.environ, SR_PIPELINE_HOME=str(home))
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cpus = "2" if workers == 1 else "1"
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(BIN / "sr-pipeline"), "train", "--shards", str(shards), "--preset", "tiny", "--workers", str(workers),
+         "--cpus-per-worker", cpus, "--epochs", str(epochs), "--iters-per-epoch", str(iters), "--no-dashboard",
+         "--val-max-images", "1", "--val-every", str(epochs), "--no-register", "--run-name", f"bench-{workers}w", "--experiment", "bench-train"],
+        env=env, capture_output=True, text=True, timeout=3600,
+    )
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        sys.exit(f"train with {workers} worker(s) failed:\n{proc.stderr[-3000:]}")
+    run_id = proc.stdout.strip().splitlines()[-1]
+    client = MlflowClient(f"sqlite:///{home / 'mlflow.db'}")
+    after = lambda key: [m.value for m in client.get_metric_history(run_id, key) if m.step > iters]  # noqa: E731
+    return statistics.median(after("train/samples_per_s")), statistics.median(after("train/data_wait")), wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seconds", type=float, default=40.0, help="measuring time per variant in part A")
+    ap.add_argument("--epochs", type=int, default=3, help="part B epochs")
+    ap.add_argument("--iters", type=int, default=60, help="part B iterations per epoch")
+    ap.add_argument("--images", type=int, default=6)
+    ap.add_argument("--skip-ray", action="store_true", help="part A only")
+    args = ap.parse_args()
+    cfg = load_config(TrainConfig, preset="tiny")
+    load0 = os.getloadavg()
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        make_sources(tmp / "src", args.images)
+        shards = tmp / "shards"
+        run_preprocess(PreprocessConfig(images=str(tmp / "src" / "hr"), out=str(shards), scales=[2], jobs=2, holdout=1))
+        manifest = json.loads((shards / "manifest.json").read_text())
+        entries = manifest["splits"]["train"]["shards"]
+        paths, counts = [str(shards / e["name"]) for e in entries], [e["samples"] for e in entries]
+
+        synth, real = part_a(cfg, paths, counts, args.seconds)
+        print(f"# train benchmark, tiny preset: batch {cfg.batch_size}, HR patch {cfg.patch_size}, x2, "
+              f"{cfg.loader_workers} loader process; {sum(counts)} sub-images of 480 px in {len(paths)} shards")
+        print("## A. one process, torch threads = all cores")
+        print(f"{'input':40s} {'samples/s':>10s} {'vs synthetic':>13s}")
+        print(f"{'synthetic in-memory batches':40s} {synth:10.2f} {1.0:12.0%}")
+        print(f"{'real shard loader (1 DataLoader proc)':40s} {real:10.2f} {real / synth:12.0%}")
+        print(f"target: real loader >= 90% of synthetic -> {'met' if real / synth >= 0.9 else 'MISSED'} ({real / synth:.0%})")
+        if not args.skip_ray:
+            print(f"## B. sr-pipeline train on a local Ray instance ({args.epochs} epochs x {args.iters} steps, global batch {cfg.batch_size})")
+            print(f"{'workers':>8s} {'samples/s':>10s} {'data wait':>10s} {'wall s':>8s}")
+            rows = []
+            for workers in (1, 2):
+                rate, wait, wall = part_b(shards, tmp / f"home{workers}", workers, args.epochs, args.iters)
+                rows.append(rate)
+                print(f"{workers:8d} {rate:10.2f} {wait:10.1%} {wall:8.0f}")
+            print(f"2 workers vs 1: {rows[1] / rows[0]:.2f}x (2 cores in all: DDP splits the same cores)")
+    load1 = os.getloadavg()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; python {sys.version.split()[0]}, torch {torch.__version__}; "
+          f"load avg before/after {load0[0]:.1f}/{load1[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
