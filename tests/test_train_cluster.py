@@ -178,7 +178,8 @@ def test_ctrl_c_stops_cleanly_and_the_same_run_name_continues(train_shards, tmp_
 
     store = tmp_path / "store"
     args = tiny_args(train_shards, store, epochs=4, iters=8,
-                     extra=("--cpus-per-worker", "0.5", "--run-name", "again", "--experiment", "train-again"))
+                     extra=("--cpus-per-worker", "0.5", "--run-name", "again", "--experiment", "train-again",
+                            "--ema", "0.9"))
     proc = start_cli(args, tmp_path / "first.log")
     try:
         wait_for_checkpoint(store / "again", proc)
@@ -205,3 +206,10 @@ def test_ctrl_c_stops_cleanly_and_the_same_run_name_continues(train_shards, tmp_
     assert metric_steps(uri, run_id, "train/loss") == list(range(2, 33, 2))
     assert metric_steps(uri, run_id, "val/psnr") == [8, 16, 24, 32]
     assert MlflowClient(uri).get_run(run_id).data.params["epochs"] == "4"
+    # EMA weights travel with the checkpoint (and survived the restart)
+    from pipeline.model import read_checkpoint
+
+    last = sorted(p for p in (store / "again").glob("checkpoint_*") if p.is_dir())[-1]
+    ckpt = read_checkpoint(last / "model.pt")
+    assert set(ckpt["ema_state_dict"]) == set(ckpt["state_dict"]) and ckpt["step"] == 32
+    assert any(not torch.equal(ckpt["ema_state_dict"][k], v) for k, v in ckpt["state_dict"].items())

@@ -152,6 +152,15 @@ def test_run_names(tmp_path: Path):
         launcher.choose_run(load_config(TrainConfig, overrides={"run_name": "a/b"}), str(tmp_path))
 
 
+def test_ema_update_is_an_exponential_average():
+    torch.manual_seed(0)
+    model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    loop.ema_update(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters(), strict=True):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * m)
+
+
 def test_global_batch_split_and_lr_scaling():
     assert [loop.rank_batch(16, r, 3) for r in range(3)] == [6, 5, 5]
     assert sum(loop.rank_batch(10, r, 4) for r in range(4)) == 10

@@ -1,0 +1,38 @@
+"""`sr-pipeline train` input errors: one line each, before any Ray or MLflow work starts."""
+
+from __future__ import annotations
+
+from fixtures_train import train_shards  # noqa: F401 - fixture
+from helpers import free_port, run_cli
+
+
+def _error(proc) -> str:
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: "), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    return lines[-1]
+
+
+def test_missing_or_wrong_shards(tmp_path):
+    assert "--shards is required" in _error(run_cli("train", "--preset", "tiny"))
+    line = _error(run_cli("train", "--preset", "tiny", "--shards", str(tmp_path / "nope")))
+    assert str(tmp_path / "nope") in line
+
+
+def test_bad_values_are_named(train_shards):  # noqa: F811
+    line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--workers", "4", "--batch-size", "2"))
+    assert "batch_size is the global batch (2); it must be >= workers (4)" in line
+    line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--scale", "3"))
+    assert "not x3" in line  # the fixture shards hold x2 only
+    line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--patch-size", "96"))
+    assert "larger than the shards' sub-images (48 px)" in line
+    line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--val-data", "/no/such/dir"))
+    assert "/no/such/dir" in line
+
+
+def test_unreachable_tracking_server_fails_fast(train_shards):  # noqa: F811
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--tracking-uri", uri)
+    assert f"MLflow tracking server {uri} is not reachable" in _error(proc)
+    assert "Ray" not in proc.stderr  # checked before any Ray instance starts
