@@ -68,7 +68,16 @@ def _image(h: int, w: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     ("length", "tile", "overlap"),
-    [(5, 8, 2), (8, 8, 2), (9, 8, 2), (100, 24, 5), (257, 64, 16), (40, 10, 4)],
+    [
+        (5, 8, 2),
+        (8, 8, 2),
+        (9, 8, 2),
+        (100, 24, 5),
+        (257, 64, 16),
+        (40, 10, 4),
+        (360, 192, 16),
+        (1020, 192, 16),
+    ],
 )
 def test_axis_tiles_cover_with_context(length, tile, overlap):
     tiles = tiling.axis_tiles(length, tile, overlap)
@@ -76,10 +85,15 @@ def test_axis_tiles_cover_with_context(length, tile, overlap):
     assert cores[0][0] == 0 and cores[-1][1] == length
     assert all(b0 == a1 for (_, b0), (a1, _) in zip(cores[:-1], cores[1:], strict=True))
     for i0, i1, c0, c1 in tiles:
-        assert i1 - i0 == min(tile, length)
+        assert i1 - i0 <= tile
         assert 0 <= i0 <= c0 < c1 <= i1 <= length
-        assert c0 - i0 >= overlap or i0 == 0
-        assert i1 - c1 >= overlap or i1 == length
+        assert c0 - i0 == overlap or i0 == c0 == 0
+        assert i1 - c1 == overlap or i1 == c1 == length
+    # the fewest windows: each covers at most tile - 2 * overlap new pixels (+ overlap at edges)
+    core = tile - 2 * overlap
+    assert len(tiles) == (1 if length <= tile else -(-(length - 2 * overlap) // core))
+    sizes = [c1 - c0 for _, _, c0, c1 in tiles[1:-1]]
+    assert not sizes or max(sizes) - min(sizes) <= 1  # balanced, no sliver at the end
 
 
 @pytest.mark.parametrize("scale", [2, 3, 4])

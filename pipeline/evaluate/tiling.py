@@ -108,26 +108,25 @@ def forward_reference_chop(
 def axis_tiles(length: int, tile: int, overlap: int) -> list[tuple[int, int, int, int]]:
     """Tiles along one axis as ``(in_start, in_end, core_start, core_end)`` in LR pixels.
 
-    Cores partition ``[0, length)``. Every window has size ``min(tile, length)`` and holds
-    its core plus at least ``overlap`` pixels of context on each side that is not the image
-    border (windows at the borders are shifted inwards rather than shrunk).
+    Cores partition ``[0, length)``; each window is its core plus exactly ``overlap`` pixels
+    of context on every side that is not the image border, and is at most ``tile`` long.
+    The fewest windows that satisfy this are used, with cores balanced in size: fixed-size
+    windows would leave a sliver core at the end and recompute up to twice the pixels.
     """
     if tile <= 0 or overlap < 0 or 2 * overlap >= tile:
         raise ValueError(f"need tile > 2 * overlap >= 0, got tile {tile}, overlap {overlap}")
     if length <= tile:
         return [(0, length, 0, length)]
     core = tile - 2 * overlap
-    cuts = [0]
-    nxt = tile - overlap
-    while nxt < length:
-        cuts.append(nxt)
-        nxt += core
-    cuts.append(length)
-    out = []
-    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
-        start = max(0, min(a - overlap, length - tile))
-        out.append((start, start + tile, a, b))
-    return out
+    # Edge windows need context on one side only, so they carry `overlap` extra core pixels;
+    # the remaining length is split into n near-equal parts of at most `core` pixels.
+    inner = length - 2 * overlap
+    n = -(-inner // core)
+    cuts = [0] + [overlap + (i * inner) // n for i in range(1, n)] + [length]
+    return [
+        (max(0, a - overlap), min(length, b + overlap), a, b)
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+    ]
 
 
 def forward_overlap(
