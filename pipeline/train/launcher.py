@@ -22,6 +22,8 @@ import os
 import secrets
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -433,7 +435,8 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
         # -- 5. fit
         stop_file = storage.join(run_dir, storage.STOP_FILE)
         storage.delete(stop_file)  # a reason left by an earlier attempt of this run
-        result = fit(cfg, job, run_name, storage_path, use_gpu)
+        with training_progress(tracking_uri, run_id, cfg.epochs, cfg.iters_per_epoch):
+            result = fit(cfg, job, run_name, storage_path, use_gpu)
         stopped = storage.read_json(stop_file)
         outcome = Outcome(run_name, run_dir, run_id, "FAILED" if stopped else "FINISHED",
                           metrics=dict(result.metrics or {}),
@@ -466,6 +469,44 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
             tracking.finish_run(tracking_uri, run_id, status)
         if started:
             ray.shutdown()
+
+
+@contextmanager
+def training_progress(tracking_uri: str, run_id: str, epochs: int, iters: int) -> Iterator[None]:
+    """A progress bar in the driver, fed from the run's latest ``train/epoch`` metric.
+
+    The workers log to MLflow; polling the run every few seconds keeps the driver free of any
+    coupling to Ray Train internals (and shows resumed runs at their real position).
+    """
+    import threading
+
+    from mlflow.tracking import MlflowClient
+
+    stop = threading.Event()
+    client = MlflowClient(tracking_uri=tracking_uri)
+    with console.progress_bar("training", total=epochs * iters, unit="step") as bar:
+
+        def update() -> None:
+            try:
+                metrics = client.get_run(run_id).data.metrics
+            except Exception:  # a tracking hiccup only delays the bar
+                return
+            step = min(round(metrics.get("train/epoch", 0.0) * iters), epochs * iters)
+            if step > bar.done:
+                bar.advance(step - bar.done)
+
+        def poll() -> None:
+            while not stop.wait(5.0):
+                update()
+
+        thread = threading.Thread(target=poll, name="train-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=10)
+            update()
 
 
 def read_best(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | None:

@@ -146,6 +146,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
         progress.best_psnr, progress.best_step = float(best_meta["val_psnr"]), int(best_meta.get("step", -1))
 
     ddp_model = ray.train.torch.prepare_model(model)  # DDP when world > 1 (gloo on CPU, NCCL on GPU)
+
+    # ---- data: an endless stream of this rank's patches ----------------------------------
+    stream = data.PatchStream(
+        job.train_shards, job.train_counts, scale, cfg.patch_size, local_batch,
+        rank=rank, world_size=world, seed=cfg.seed, start_step=progress.step,
+        augment=cfg.augment, patches_per_sample=cfg.patches_per_sample, shuffle_buffer=cfg.shuffle_buffer,
+    )
+    loader = data.make_train_loader(stream, cfg.loader_workers, pin_memory=device.type == "cuda")
+    batches = iter(loader)  # forks the loader processes now, before our own threads start
+
     log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
     log.start_system_metrics()
     if rank == 0 and device.type == "cuda":
@@ -155,15 +165,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     log.set_tag("sr.world_size", str(world))
     if rank == 0 and progress.restarts:
         log.set_tag("sr.restarts_at_steps", ",".join(map(str, progress.restarts)))
-
-    # ---- data: an endless stream of this rank's patches ----------------------------------
-    stream = data.PatchStream(
-        job.train_shards, job.train_counts, scale, cfg.patch_size, local_batch,
-        rank=rank, world_size=world, seed=cfg.seed, start_step=progress.step,
-        augment=cfg.augment, patches_per_sample=cfg.patches_per_sample, shuffle_buffer=cfg.shuffle_buffer,
-    )
-    loader = data.make_train_loader(stream, cfg.loader_workers, pin_memory=device.type == "cuda")
-    batches = iter(loader)
+    if rank == 0 and progress.epoch >= cfg.epochs:
+        say(f"nothing to do: the run already trained {progress.epoch} of {cfg.epochs} epochs (raise --epochs to go on)")
 
     def val_samples():
         if job.val_folder:
