@@ -130,6 +130,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(trainable, lr=job.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
+    # fp16 gradients underflow without loss scaling; a no-op for fp32/bf16 and on CPU
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
 
     # ---- resume: after a restart (worker died) or a rerun with the same run name --------
     progress = ckpt_io.Progress()
@@ -213,10 +215,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
 
             # DDP averages gradients over ranks; weighting by the rank's share of the global
             # batch makes the result the gradient of the global-batch mean loss.
-            (loss * (local_batch * world / cfg.batch_size)).backward()
+            scaler.scale(loss * (local_batch * world / cfg.batch_size)).backward()
             if cfg.grad_clip > 0:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
                 ema_update(ema, model, cfg.ema)
