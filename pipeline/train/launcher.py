@@ -383,7 +383,7 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
         info, nodes = cluster_info()
         use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, info.gpus > 0)
         if use_gpu and info.gpus == 0:
-            raise UserError("--use-gpu yes, but the Ray cluster has no GPUs")
+            raise UserError("use_gpu=yes, but the Ray cluster has no GPUs")
         # -- 3. preflight
         check_resources(cfg, use_gpu, nodes)
         if not storage.is_uri(storage_path):

@@ -106,6 +106,9 @@ def register_best(uri: str, run_id: str, scale: int, psnr: float, step: int) -> 
             client.create_registered_model(
                 name, description=f"DNLAN x{scale} super-resolution models trained by sr-pipeline"
             )
+        for existing in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
+            if existing.tags.get("step") == str(step):  # a rerun with nothing new: no duplicate
+                return str(existing.version)
         artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/best_model"
         version = client.create_model_version(
             name,
