@@ -239,7 +239,8 @@ def main() -> None:
         record("tiny", "2K", mode, run_case({**common, "model": "tiny", "data": "2k", "mode": mode}))
     paper_whole = next(r for r in results if r["model"] == "paper" and r["tiling"] == "none")
     paper_big = max(_load_sizes(args.data_dir, 0, names))
-    results.append(_estimate("paper", paper_whole, lr_px, paper_big, "estimated (would take too long on this CPU)"))
+    results.append(_estimate("paper", paper_whole, lr_px, paper_big,
+                             "estimated, not run: too much memory for a shared machine; time is a lower bound"))  # fmt: skip
     for mode in ("reference", "overlap"):
         r = run_case({**common, "model": "paper", "data": "2k", "mode": mode, "max_calls": args.paper_2k_tiles})
         record("paper", "2K", mode, r, f"partial: {r['calls']} of {r['total_calls']} tiles, time extrapolated")
