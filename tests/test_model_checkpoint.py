@@ -223,3 +223,27 @@ def test_first_mismatch_and_inference_helpers():
                     "scale": 3, "rgb_range": 1.0}
     with pytest.raises(UserError, match="not a DNLAN state_dict"):
         infer_architecture({"x": torch.zeros(1)})
+
+
+def test_reference_layout_file_built_from_the_spec_loads_strictly(tmp_path: Path):
+    """A plain state_dict written from spec 1.10's pattern alone (as the reference would save
+    it for paper x4) loads into the paper preset with strict matching and no flags but scale."""
+    from test_model_network import spec_keys
+
+    gen = torch.Generator().manual_seed(0)
+    state = OrderedDict()
+    for key, shape in spec_keys(10, 4, 192, 2, 4):
+        state[key] = torch.randn(shape, generator=gen) * 0.01
+    mean = torch.tensor([0.4488, 0.4371, 0.4040])
+    state["a"] = torch.zeros(1)
+    state["sub_mean.weight"] = state["add_mean.weight"] = torch.eye(3).view(3, 3, 1, 1)
+    state["sub_mean.bias"], state["add_mean.bias"] = -mean, mean
+    torch.save(state, tmp_path / "model_x4.pt")
+    model = load_checkpoint(tmp_path / "model_x4.pt", preset="paper", scale=4)
+    assert model.config.n_feats == 192 and model.scale == 4
+    loaded = model.state_dict()
+    assert list(loaded) == list(state)
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+    with pytest.raises(UserError, match=r"'head\.0\.weight': shape \(192, 3, 3, 3\) in the "
+                                        r"checkpoint, \(128, 3, 3, 3\) in the model"):
+        load_checkpoint(tmp_path / "model_x4.pt", preset="paper128", scale=4)
