@@ -54,7 +54,8 @@ def part_a(cfg: TrainConfig, paths: list[str], counts: list[int], seconds: float
     The two inputs alternate in `rounds` windows on the same model, so load from other
     processes on a shared machine hits both alike.
     """
-    stream = data.PatchStream(paths, counts, 2, cfg.patch_size, cfg.batch_size, seed=0)
+    stream = data.PatchStream(paths, counts, 2, cfg.patch_size, cfg.batch_size, seed=0,
+                              patches_per_sample=cfg.patches_per_sample, shuffle_buffer=cfg.shuffle_buffer)
     fixed = [b for _, b in zip(range(16), iter(stream), strict=False)]  # 16 real batches, reused
 
     def synthetic() -> Iterator:

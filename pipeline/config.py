@@ -284,6 +284,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lr": 4e-4,
         "milestones": [3],
         "loader_workers": 1,
+        # CPU training shares the cores with PNG decoding: cut 4 patches per decoded sub-image
+        "patches_per_sample": 4,
         "log_every": 5,
         "cpus_per_worker": 1.0,
     },

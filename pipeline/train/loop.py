@@ -116,6 +116,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     device = ray.train.torch.get_device()
     scale, rgb_range = cfg.model.scale, cfg.model.rgb_range
     local_batch = rank_batch(cfg.batch_size, rank, world)
+    # Ray starts actors with OMP_NUM_THREADS=1 unless told otherwise: use the CPUs we reserved.
+    torch.set_num_threads(max(1, math.floor(cfg.cpus_per_worker)))
     # Identical seeds on every rank: identical init and identical stochastic hash draws.
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
