@@ -5,6 +5,7 @@
 PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+DEMO_ARGS  ?=
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
@@ -13,7 +14,7 @@ STAMP      := $(VENV)/.installed
 help:
 	@echo "make demo   - install into $(VENV) and run the end-to-end demo (CPU, embedded images)"
 	@echo "make test   - install into $(VENV) (with dev extras) and run lint + the full test suite"
-	@echo "variables   - PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC='$(TORCH_SPEC)'"
+	@echo "variables   - PYTHON=$(PYTHON) VENV=$(VENV) TORCH_SPEC='$(TORCH_SPEC)' DEMO_ARGS='$(DEMO_ARGS)'"
 
 install: $(STAMP)
 
@@ -25,7 +26,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	scripts/netns.sh $(BIN)/sr-pipeline demo
+	scripts/netns.sh $(BIN)/sr-pipeline demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	VENV=$(VENV) scripts/test.sh

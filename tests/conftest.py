@@ -197,3 +197,43 @@ def t91_dir(shared_data: Path) -> Path:
     if not path.is_dir():
         pytest.skip(f"{path} not found")
     return path
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo, run once per session (the main job: tests of the demo and of the UI browse it)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoRun:
+    home: Path
+    result: dict
+    stdout: str
+    stderr: str
+
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.home / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> DemoRun:
+    """`sr-pipeline demo` exactly as `make demo` runs it, in a home of its own.
+
+    Evaluates on Set5 too when the real images are present (as a user's downloaded
+    benchmarks would be). A failure here fails every test that needs the demo's run.
+    """
+    import json
+
+    from helpers import run_cli
+
+    home = tmp_path_factory.mktemp("demo_home")
+    out = home / "demo.json"
+    args = ["demo", "--json", str(out)]
+    shared = _shared_data_dir()
+    if shared is not None:
+        args += ["--benchmark-dir", str(shared)]
+    proc = run_cli(*args, env={"SR_PIPELINE_HOME": str(home)}, timeout=900)
+    if proc.returncode != 0:
+        raise AssertionError(f"sr-pipeline demo failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return DemoRun(home, json.loads(out.read_text()), proc.stdout, proc.stderr)

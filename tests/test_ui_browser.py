@@ -2,7 +2,9 @@
 
 Debian's Chromium (`apt-get install chromium`, which `.ci/run` does) driven by the Python
 Playwright package with `executable_path`; Playwright's own browser download is never used.
-The test skips, saying why, only when that Chromium is absent or cannot start on this machine.
+The run it browses is the one `sr-pipeline demo` made (the `demo_run` session fixture), as a
+new user would after `make demo`. The test skips, saying why, only when that Chromium is absent
+or cannot start on this machine.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-from fixtures_ops import CHROMIUM, CHROMIUM_ARGS, browse_run, log_validation_run, running_ui
+from fixtures_ops import CHROMIUM, CHROMIUM_ARGS, LoggedRun, browse_run, running_ui
+
+pytestmark = [pytest.mark.slow]
 
 
 def _chromium_or_skip() -> Path:
@@ -26,12 +30,36 @@ def _chromium_or_skip() -> Path:
     return CHROMIUM
 
 
-def test_browser_finds_the_run_its_val_psnr_and_the_comparison_image(tmp_path: Path) -> None:
+def demo_logged_run(demo_run, tmp_path: Path) -> LoggedRun:
+    """What the browser must find, read back from the demo's MLflow run."""
+    from mlflow.tracking import MlflowClient
+    from PIL import Image
+
+    client = MlflowClient(tracking_uri=demo_run.tracking_uri)
+    run = client.get_run(demo_run.result["run_id"])
+    exp = client.get_experiment(run.info.experiment_id)
+    history = sorted(client.get_metric_history(run.info.run_id, "val/psnr"), key=lambda m: m.step)
+    images = sorted(a.path for a in client.list_artifacts(run.info.run_id, "validation") if a.path.endswith(".png"))
+    assert history and images, "the demo run has no val/psnr history or no validation image"
+    local = Path(client.download_artifacts(run.info.run_id, images[-1], str(tmp_path)))
+    with Image.open(local) as im:
+        size = im.size
+    return LoggedRun(
+        tracking_uri=demo_run.tracking_uri, experiment_name=exp.name, experiment_id=exp.experiment_id,
+        run_id=run.info.run_id, run_name=run.info.run_name, psnr=[m.value for m in history],
+        image_path=images[-1], image_bytes=local.read_bytes(), image_size=size,
+    )
+
+
+def test_browser_finds_the_demo_run_its_val_psnr_and_the_comparison_image(
+    demo_run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from playwright.sync_api import Error as PlaywrightError
     from playwright.sync_api import sync_playwright
 
     chromium = _chromium_or_skip()
-    run = log_validation_run(tmp_path)
+    run = demo_logged_run(demo_run, tmp_path)
+    monkeypatch.setenv("SR_PIPELINE_HOME", str(demo_run.home))  # `sr-pipeline ui` opens the demo's store
     shots = tmp_path / "screenshots"
     shots.mkdir()
     with running_ui(tmp_path) as server, sync_playwright() as pw:

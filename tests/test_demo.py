@@ -1,0 +1,49 @@
+"""`sr-pipeline demo`, the README's first command, end to end (real Ray, real MLflow store)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_demo_prints_run_psnr_against_bicubic_and_ui_command(demo_run):
+    result = demo_run.result
+    assert result["run_id"] and result["run_id"] in demo_run.stdout
+    benches = {row[0]: row for row in result["rows"]}
+    assert "heldout" in benches  # the held-out photo
+    for _bench, scale, psnr, bicubic in result["rows"]:
+        assert scale == 2
+        assert math.isfinite(psnr) and math.isfinite(bicubic)
+        assert 20 < psnr < 60 and 20 < bicubic < 60
+        assert f"DNLAN {psnr:6.2f} dB" in demo_run.stdout
+    assert "ui" in demo_run.stdout.splitlines()[-1]
+    assert f"SR_PIPELINE_HOME={demo_run.home}" in demo_run.stdout  # the exact command to browse it
+    assert result["seconds"] > 0
+
+
+def test_demo_run_in_mlflow_has_params_metrics_and_artifacts(demo_run):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=demo_run.tracking_uri)
+    run = client.get_run(demo_run.result["run_id"])
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    assert params["preset"] == "tiny" and params["model.n_feats"] == "64"
+    assert params["workers"] == "2" and params["model.scale"] == "2"
+    assert params["derived.backend"] == "gloo"
+    loss = client.get_metric_history(run.info.run_id, "train/loss")
+    assert len(loss) >= 5
+    steps = [m.step for m in loss]
+    assert len(steps) == len(set(steps))  # no duplicated steps
+    val = client.get_metric_history(run.info.run_id, "val/psnr")
+    assert len(val) >= 2
+    assert "eval/heldout/x2/psnr" in run.data.metrics
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"best_model", "validation"} <= top
+    best = {a.path for a in client.list_artifacts(run.info.run_id, "best_model")}
+    assert {"best_model/model.pt", "best_model/state_dict.pt"} <= best
+    versions = client.search_model_versions("name='dnlan-x2'")
+    assert any(v.run_id == run.info.run_id for v in versions)
