@@ -162,3 +162,11 @@ def test_validation_from_a_folder_makes_bicubic_lr(set5_dir):
     assert [s.index for s in samples] == [1, 3]
     for s in samples:
         assert s.hr.shape[0] == 3 * s.lr.shape[0] and s.hr.shape[1] == 3 * s.lr.shape[1]
+
+
+def test_shuffle_buffer_yields_every_item_once():
+    rng = np.random.default_rng(0)
+    for buffer in (1, 5, 64):
+        out = list(data._shuffled(iter(range(50)), buffer, rng))
+        assert sorted(out) == list(range(50))
+    assert list(data._shuffled(iter(range(50)), 16, rng)) != list(range(50))

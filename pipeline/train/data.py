@@ -156,13 +156,12 @@ def _shuffled(items: Iterator, buffer: int, rng: np.random.Generator) -> Iterato
     for item in items:
         if len(buf) < buffer:
             buf.append(item)
-            if len(buf) < buffer:
-                continue
+            continue
         i = int(rng.integers(len(buf)))
-        buf[i], item = item, buf[i]
-        yield item
-    rng.shuffle(buf)  # only reached for finite inputs
-    yield from buf
+        yield buf[i]
+        buf[i] = item
+    order = rng.permutation(len(buf))  # only reached for finite inputs
+    yield from (buf[i] for i in order)
 
 
 class PatchStream(IterableDataset):
