@@ -13,9 +13,11 @@ Why it is built this way:
   (still disjoint, more I/O); only when there are fewer *samples* than streams do streams share
   samples (a warning is printed by the launcher).
 * **Cheap patches.** A sample is an HR sub-image (480 px for DIV2K) plus its LR; decoding one
-  sub-image per patch is ~10x cheaper than decoding a whole 2K source image per patch, the
-  reference's approach. Batches leave the loader as uint8 (4x less inter-process traffic than
-  float) and are converted on the training device.
+  sub-image per patch is ~20x cheaper than decoding a whole 2K source image per patch, the
+  reference's approach (benchmarks/loader.py). ``patches_per_sample`` cuts several patches
+  from each decoded sub-image when decoding competes with CPU training for the same cores.
+  Batches leave the loader as uint8 (4x less inter-process traffic than float) and are
+  converted on the training device.
 """
 
 from __future__ import annotations
