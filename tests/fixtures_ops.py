@@ -259,6 +259,9 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
 
     # 4. Model metrics: a rendered chart whose legend names the run and the metric.
     page.get_by_role("tab", name="Model metrics").click()
+    # A real run has many metric sections (train/, val/, eval/...), some collapsed: search for
+    # the metric like a user would, which shows its chart alone.
+    page.get_by_placeholder("Search metric charts").fill("val/psnr")
     expect(page.get_by_text(f"{run.run_name} (val/psnr)")).to_be_visible()
     expect(page.locator(".js-plotly-plot").first).to_be_visible()
     shot("3-val-psnr-chart")
