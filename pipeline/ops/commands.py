@@ -45,7 +45,7 @@ def demo(
     ] = None,
     scale: Annotated[int, typer.Option(help="Upscaling factor (2, 3 or 4).")] = 2,
     workers: Annotated[int, typer.Option(help="Ray DDP workers (CPU).")] = 2,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (default: the tiny preset's).")] = None,  # noqa: UP045
+    epochs: Annotated[int, typer.Option(help="Epochs of --iters-per-epoch steps (LR halved at 3/4).")] = 10,
     iters_per_epoch: Annotated[Optional[int], typer.Option("--iters-per-epoch", help="Steps per epoch (default: the tiny preset's).")] = None,  # noqa: UP045
     workdir: Annotated[Optional[str], typer.Option(help="Where photos, shards and evaluation files go (default: $SR_PIPELINE_HOME/demo).")] = None,  # noqa: UP045
     run_name: Annotated[Optional[str], typer.Option("--run-name", help="Training run name (default: demo-<time>).")] = None,  # noqa: UP045

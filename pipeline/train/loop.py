@@ -95,6 +95,18 @@ def all_reduce_sum(values: list[float], device: torch.device, op: str = "sum") -
     return t.tolist()
 
 
+def quiet_ray_train_reports() -> None:
+    """Ray Train logs every report at INFO (full metrics dict and checkpoint path) on every
+    rank; our own epoch line says the same once. Its logger is named after its file."""
+    import logging
+
+    try:
+        from ray.train.v2._internal.execution import context as ray_context
+    except ImportError:  # another Ray layout: keep its logs
+        return
+    logging.getLogger(ray_context.__file__).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one readable loop by design
     import ray.train
     import ray.train.torch
@@ -107,6 +119,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     from pipeline.train import data, storage
     from pipeline.train.tracking import MetricLogger, comparison_image
     from pipeline.train.validation import validate
+
+    quiet_ray_train_reports()
 
     # ---- who am I, what do I train ------------------------------------------------------
     cfg: TrainConfig = from_mapping(TrainConfig, config["train"])
