@@ -47,3 +47,28 @@ def test_demo_run_in_mlflow_has_params_metrics_and_artifacts(demo_run):
     assert {"best_model/model.pt", "best_model/state_dict.pt"} <= best
     versions = client.search_model_versions("name='dnlan-x2'")
     assert any(v.run_id == run.info.run_id for v in versions)
+
+
+def test_demo_on_a_real_div2k_layout(tmp_path, t91_dir, set5_dir):
+    """`--data-dir` swaps the bundled photos for a DIV2K root (here: real T91/Set5 images)."""
+    import json
+    import shutil
+
+    from helpers import run_cli
+
+    root = tmp_path / "DIV2K"
+    (root / "DIV2K_train_HR").mkdir(parents=True)
+    (root / "DIV2K_valid_HR").mkdir()
+    for name in ("t1.png", "t2.png", "t3.png", "t4.png"):
+        shutil.copy(t91_dir / name, root / "DIV2K_train_HR" / name)
+    for name in ("bird.png", "head.png"):
+        shutil.copy(set5_dir / name, root / "DIV2K_valid_HR" / name)
+    out = tmp_path / "demo.json"
+    proc = run_cli(
+        "demo", "--data-dir", str(root), "--epochs", "1", "--iters-per-epoch", "4", "--json", str(out),
+        env={"SR_PIPELINE_HOME": str(tmp_path / "home")}, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert [row[0] for row in result["rows"]] == ["DIV2K_valid_HR"]
+    assert "preprocess: DIV2K at" in proc.stderr
