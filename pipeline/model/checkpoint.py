@@ -14,9 +14,8 @@ stop with one line naming the first mismatching key and both shapes.
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from pipeline import console
 from pipeline.config import SCALES, ConfigError, ModelConfig, from_mapping, model_config
 from pipeline.console import UserError
+from pipeline.imageio import atomic_write_bytes
 from pipeline.model.dnlan import DIV2K_RGB_MEAN, DNLAN, build_from_config
 
 FORMAT = "sr-pipeline/dnlan"
@@ -54,22 +54,12 @@ def _cpu_state_dict(model: nn.Module) -> OrderedDict[str, Tensor]:
 
 
 def _atomic_save(obj: Any, path: str | Path) -> Path:
-    """torch.save to a temporary file in the same folder, then rename over ``path``."""
+    """torch.save through a temporary file in the same folder and a rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(obj, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
