@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from helpers import BIN, free_port, stop_session
+from helpers import BIN, free_port, pids_with, stop_session
 
 CHROMIUM = Path("/usr/bin/chromium")
 # Flags that keep headless Chromium off the (closed) network and quiet on a root account.
@@ -112,17 +112,7 @@ class UiProcess:
 
 
 def child_pids(pid: int) -> list[int]:
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        if int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
-            out.append(int(entry))
-    return out
+    return pids_with(1, pid)
 
 
 def alive(pid: int) -> bool:

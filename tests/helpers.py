@@ -44,8 +44,9 @@ def wait_for_port(port: int, timeout: float, proc: subprocess.Popen | None = Non
     raise TimeoutError(f"port {port} did not open within {timeout:.0f}s")
 
 
-def _session_pids(sid: int) -> list[int]:
-    """PIDs whose session id is `sid` (what a `start_new_session` leader spawned, however deep)."""
+def pids_with(stat_field: int, value: int) -> list[int]:
+    """PIDs whose /proc/<pid>/stat field (counted after the command name: 1 = parent pid,
+    3 = session id) equals `value`."""
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -54,10 +55,14 @@ def _session_pids(sid: int) -> list[int]:
             stat = Path(f"/proc/{entry}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[3]) == sid:  # field 6 of stat: session id
+        if int(stat[stat.rindex(")") + 2 :].split()[stat_field]) == value:
             pids.append(int(entry))
     return pids
+
+
+def _session_pids(sid: int) -> list[int]:
+    """PIDs in session `sid` (what a `start_new_session` leader spawned, however deep)."""
+    return pids_with(3, sid)
 
 
 def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:

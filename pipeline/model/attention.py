@@ -152,6 +152,22 @@ def _block_size(chunk_size: int, device: torch.device) -> int:
     return max(1, budget // (3 * chunk_size * chunk_size))
 
 
+def _key_blocks(k: Tensor, v: Tensor, adj: Tensor, cs: int):
+    """Blocks of chunks with their gathered [own, prev, next] keys and values.
+
+    Yields ``(start, end, chunk ids, keys (B, 3cs, Cr), values (B, 3cs, F))``; only one block's
+    adjacent keys/values exist at a time, which bounds the transient memory.
+    """
+    t = adj.shape[0]
+    step = _block_size(cs, k.device)
+    for s in range(0, t, step):
+        e = min(t, s + step)
+        ids = adj[s:e].reshape(-1)
+        kb = k.index_select(0, ids).view(e - s, 3 * cs, k.shape[-1])
+        vb = v.index_select(0, ids).view(e - s, 3 * cs, v.shape[-1])
+        yield s, e, ids, kb, vb
+
+
 class _AdjacentChunkAttention(torch.autograd.Function):
     """softmax(q k^T) v over each chunk's [own, prev, next] keys, plus the log-sum-exp.
 
@@ -166,12 +182,7 @@ class _AdjacentChunkAttention(torch.autograd.Function):
         feats = v.shape[-1]
         out = torch.empty((t, cs, feats), dtype=q.dtype, device=q.device)
         lse = torch.empty((t, cs), dtype=q.dtype, device=q.device)
-        step = _block_size(cs, q.device)
-        for s in range(0, t, step):
-            e = min(t, s + step)
-            ids = adj[s:e].reshape(-1)
-            kb = k.index_select(0, ids).view(e - s, 3 * cs, -1)
-            vb = v.index_select(0, ids).view(e - s, 3 * cs, feats)
+        for s, e, _ids, kb, vb in _key_blocks(k, v, adj, cs):
             logits = torch.bmm(q[s:e], kb.transpose(1, 2))
             peak = logits.amax(-1, keepdim=True)
             probs = logits.sub_(peak).exp_()  # un-normalised, in place
@@ -185,7 +196,7 @@ class _AdjacentChunkAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_out: Tensor | None, d_lse: Tensor | None):
         q, k, v, adj, out, lse = ctx.saved_tensors
-        t, cs, _ = q.shape
+        cs = q.shape[1]
         feats = v.shape[-1]
         if d_out is None:
             d_out = torch.zeros_like(out)
@@ -197,12 +208,7 @@ class _AdjacentChunkAttention(torch.autograd.Function):
         dq = torch.empty_like(q)
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
-        step = _block_size(cs, q.device)
-        for s in range(0, t, step):
-            e = min(t, s + step)
-            ids = adj[s:e].reshape(-1)
-            kb = k.index_select(0, ids).view(e - s, 3 * cs, -1)
-            vb = v.index_select(0, ids).view(e - s, 3 * cs, feats)
+        for s, e, ids, kb, vb in _key_blocks(k, v, adj, cs):
             probs = torch.bmm(q[s:e], kb.transpose(1, 2)).sub_(lse[s:e, :, None]).exp_()
             dvb = torch.bmm(probs.transpose(1, 2), d_out[s:e])
             dlogits = torch.bmm(d_out[s:e], vb.transpose(1, 2))
