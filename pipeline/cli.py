@@ -130,14 +130,40 @@ _ops_commands.register(app)
 
 
 def main() -> None:
+    """Entry point: every failure a user can cause ends as one `error:` line.
+
+    Typer runs in non-standalone mode so that usage errors (a bad option value) are printed
+    as one line here instead of a boxed panel, and so that Ctrl-C, which Typer turns into
+    exit code 130, still says what happened.
+    """
+    try:  # typer >= 0.2x ships its own copy of click
+        from typer._click import exceptions as click_exc
+    except ImportError:  # pragma: no cover - older typer uses click itself
+        from click import exceptions as click_exc
+
     try:
-        app()
+        code = app(standalone_mode=False)
     except console.UserError as exc:
         print(console.error_line(exc), file=sys.stderr)
         sys.exit(1)
+    except click_exc.NoArgsIsHelpError as exc:
+        exc.show()
+        sys.exit(0)
+    except click_exc.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "sr-pipeline"
+        print(f"{console.error_line(Exception(exc.format_message()))} (see: {where} --help)", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except click_exc.ClickException as exc:
+        print(console.error_line(Exception(exc.format_message())), file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        print("aborted", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ Presets bundle a model and a training recipe:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -335,7 +336,10 @@ def load_config(
     if yaml_path is not None:
         file_values = read_yaml(yaml_path)
     has_preset = any(f.name == "preset" for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-    scale = overrides.get("model.scale") or file_values.get("model", {}).get("scale")
+    file_model = file_values.get("model", {})
+    if not isinstance(file_model, dict):
+        raise ConfigError(f"{yaml_path}: 'model' must be a mapping of model options, got {file_model!r}")
+    scale = overrides.get("model.scale") or file_model.get("scale")
     values: dict[str, Any] = {}
     chosen = preset or file_values.get("preset")
     if has_preset:
@@ -364,7 +368,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{p}: not a text (UTF-8) YAML file") from None
+    except OSError as exc:
+        raise ConfigError(f"{p}: cannot read ({exc.strerror or exc})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
@@ -464,9 +472,12 @@ def _coerce(value: Any, tp: Any, name: str) -> Any:
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):  # nan slips through every `<= 0` check
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (dict, list)):
             raise ConfigError(f"{name} must be a string, got {value!r}")

@@ -9,6 +9,7 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from pipeline import __version__, defaults
+from pipeline.tracking import redact_uri
 
 PACKAGES = ("torch", "ray", "mlflow", "webdataset", "numpy", "pillow", "typer")
 
@@ -103,7 +104,7 @@ def environment_report(address: str | None = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "packages": package_versions(),
         "accelerator": accelerator_report(),
-        "mlflow_tracking_uri": defaults.tracking_uri(),
+        "mlflow_tracking_uri": redact_uri(defaults.tracking_uri()),
         "sr_pipeline_home": str(defaults.home()),
     }
     if address:

@@ -36,25 +36,43 @@ def resolve_uri(explicit: str | None = None) -> str:
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
-    """Fail fast, in one line, when an HTTP tracking server does not answer."""
+    """Fail fast, in one line, when an HTTP tracking server does not answer.
+
+    Credentials embedded in the URI (``https://user:pass@host``) are sent as HTTP basic auth,
+    as MLflow's client does, and never appear in a message.
+    """
     if not uri.startswith(("http://", "https://")):
         if uri.startswith("sqlite:///"):
             parent = Path(uri[len("sqlite:///") :]).parent
             if not parent.exists():
                 raise UserError(f"MLflow store {uri}: directory {parent} does not exist")
         return
-    url = uri.rstrip("/") + "/health"
+    shown = redact_uri(uri)
+    url, headers = _split_credentials(uri.rstrip("/") + "/health")
+    request = urllib.request.Request(url, headers=headers)
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             if resp.status != 200:
-                raise UserError(f"MLflow tracking server {uri} answered {resp.status} on /health")
+                raise UserError(f"MLflow tracking server {shown} answered {resp.status} on /health")
     except urllib.error.HTTPError as exc:
         if exc.code in (401, 403):  # behind authentication: reachable, credentials come from env
             return
-        raise UserError(f"MLflow tracking server {uri} answered HTTP {exc.code}") from None
+        raise UserError(f"MLflow tracking server {shown} answered HTTP {exc.code}") from None
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise UserError(f"MLflow tracking server {uri} is not reachable: {reason}") from None
+        raise UserError(f"MLflow tracking server {shown} is not reachable: {reason}") from None
+
+
+def _split_credentials(url: str) -> tuple[str, dict[str, str]]:
+    """(URL without user:password, headers carrying them as basic auth)."""
+    import base64
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, {}
+    token = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}".encode()
+    return redact_uri(url), {"Authorization": "Basic " + base64.b64encode(token).decode()}
 
 
 def experiment_id(name: str, uri: str) -> str:

@@ -93,3 +93,20 @@ def test_config_show_flat_and_yaml(tmp_path):
     assert "epochs=9" in flat and "model.scale=3" in flat and "model.n_feats=64" in flat
     text = run_cli("config", "evaluate", "--set", "tiling=overlap", check=True).stdout
     assert "tiling: overlap" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["preprocess", "--jobs", "abc"], "Invalid value for '--jobs'"),
+        (["nosuch"], "No such command 'nosuch'"),
+        (["train", "--bogus", "1"], "No such option: --bogus"),
+        (["config"], "Missing argument"),
+    ],
+)
+def test_usage_errors_are_one_line_not_a_panel(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
+    assert "--help" in lines[0] and "Traceback" not in proc.stderr

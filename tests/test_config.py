@@ -110,3 +110,22 @@ def test_per_worker_batch_keeps_global_batch():
     assert cfg.batch_size == 16 and cfg.per_worker_batch == 2
     cfg = load_config(TrainConfig, overrides={"workers": 3})
     assert cfg.per_worker_batch == 6
+
+
+def test_yaml_with_wrong_types_or_bytes_is_one_line(tmp_path):
+    wrong = tmp_path / "m.yaml"
+    wrong.write_text("model: 5\n")
+    with pytest.raises(ConfigError, match=r"m\.yaml: 'model' must be a mapping"):
+        load_config(TrainConfig, yaml_path=wrong)
+    with pytest.raises(ConfigError, match=r"m\.yaml: 'model' must be a mapping"):
+        load_config(EvalConfig, yaml_path=wrong)
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00\x81 not text")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(TrainConfig, yaml_path=binary)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", float("nan")])
+def test_non_finite_numbers_are_refused(value):
+    with pytest.raises(ConfigError, match="lr must be a finite number"):
+        load_config(TrainConfig, overrides={"lr": value})
