@@ -6,6 +6,9 @@ PYTHON     ?= python3
 VENV       ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEMO_ARGS  ?=
+# Tested versions of every dependency (see constraints.txt); set CONSTRAINTS= to resolve freely.
+CONSTRAINTS ?= constraints.txt
+CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
@@ -18,11 +21,11 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(CONSTRAINT_FLAGS) -e ".[dev]"
 	touch $@
 
 demo: $(STAMP)
