@@ -4,7 +4,8 @@ The shards are made once per session by the real `sr-pipeline preprocess` from a
 photographs: 48 px sub-images, x2 only, 19 samples per shard, so the train split has **3
 shards with odd sample counts** (19, 19, 15): with 2 ranks the shards do not divide evenly,
 which is exactly the case that hangs DDP when the loader is wrong. Every train test runs on
-them. One image is held out as the valid split.
+them. Three images are held out as the valid split: with 2 ranks, rank 0 scores two of them
+and rank 1 one, so the reduced validation PSNR depends on both ranks.
 """
 
 from __future__ import annotations
@@ -15,29 +16,30 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from helpers import run_cli
 
 TRAIN_IMAGES = ("t1", "t2", "t3", "t5")
-HOLDOUT_IMAGE = "t9"  # sorts last, so --holdout 1 takes it
+HOLDOUT_IMAGES = ("t6", "t7", "t9")  # sort last, so --holdout 3 takes them
 SHARD_SAMPLES = 19
 
 
 @pytest.fixture(scope="session")
 def train_shards(t91_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     images = tmp_path_factory.mktemp("train_images")
-    for name in (*TRAIN_IMAGES, HOLDOUT_IMAGE):
+    for name in (*TRAIN_IMAGES, *HOLDOUT_IMAGES):
         (images / f"{name}.png").symlink_to(t91_dir / f"{name}.png")  # read in place, never copied
     out = tmp_path_factory.mktemp("train_shards")
     run_cli(
-        "preprocess", "--images", str(images), "--holdout", "1", "--out", str(out), "--scales", "2",
+        "preprocess", "--images", str(images), "--holdout", str(len(HOLDOUT_IMAGES)), "--out", str(out), "--scales", "2",
         "--crop", "48", "--step", "48", "--shard-samples", str(SHARD_SAMPLES), "-j", "1",
         check=True, timeout=300,
     )
     manifest = json.loads((out / "manifest.json").read_text())
     counts = [s["samples"] for s in manifest["splits"]["train"]["shards"]]
     assert len(counts) == 3 and any(c % 2 for c in counts), counts  # the uneven case we want
-    assert manifest["splits"]["valid"]["samples"] == 1
+    assert manifest["splits"]["valid"]["samples"] == len(HOLDOUT_IMAGES)
     return out
 
 
@@ -123,3 +125,74 @@ def metric_steps(uri: str, run_id: str, key: str) -> list[int]:
     from mlflow.tracking import MlflowClient
 
     return [m.step for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, key)]
+
+
+def cli_warnings(log: str) -> list[str]:
+    """`warning:` lines of a train command's output (the driver's and the workers' via Ray)."""
+    return [line for line in log.splitlines() if "warning:" in line]
+
+
+def valid_pairs(shards: Path, scale: int) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(key, LR, HR) of every valid sample, read straight from the tar files (not via the
+    train stage's readers), in shard and member order."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    manifest = json.loads((shards / "manifest.json").read_text())
+    pairs = []
+    for shard in manifest["splits"]["valid"]["shards"]:
+        members: dict[str, dict[str, bytes]] = {}
+        with tarfile.open(shards / shard["name"]) as tar:
+            for member in tar.getmembers():
+                key, _, kind = member.name.partition(".")
+                members.setdefault(key, {})[kind] = tar.extractfile(member).read()
+        for key, files in members.items():
+            lr = np.asarray(Image.open(io.BytesIO(files[f"lr_x{scale}.png"])).convert("RGB"))
+            hr = np.asarray(Image.open(io.BytesIO(files["hr.png"])).convert("RGB"))
+            pairs.append((key, lr, hr))
+    return pairs
+
+
+def plain_y_psnr(sr: np.ndarray, hr: np.ndarray, shave: int) -> float:
+    """The benchmark PSNR written out from its definition (not pipeline.evaluate.metrics):
+    ITU-R BT.601 luma of 0..255 RGB, `shave` border pixels dropped, peak 255, capped at 100 dB."""
+    weights = np.array([65.481, 128.553, 24.966]) / 255.0
+    y_sr = 16.0 + sr.astype(np.float64) @ weights
+    y_hr = 16.0 + hr.astype(np.float64) @ weights
+    diff = (y_sr - y_hr)[shave:-shave, shave:-shave]
+    mse = float(np.mean(diff**2))
+    return 100.0 if mse == 0 else min(10.0 * np.log10(255.0**2 / mse), 100.0)
+
+
+def mean_psnr(model, pairs, scale: int, hash_seed: int = 0) -> float:
+    """Mean Y-PSNR of `model` over all pairs, in this one process: fixed hash mode, the
+    reference's chop (it changes a non-local model's output, so validation uses it too),
+    outputs rounded to uint8, scored with :func:`plain_y_psnr`."""
+    import torch
+
+    from pipeline.evaluate.tiling import forward_reference_chop
+    from pipeline.model import set_hash_mode
+
+    model.eval()
+    set_hash_mode(model, "fixed", seed=hash_seed)
+    values = []
+    for _, lr, hr in pairs:
+        x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).float().unsqueeze(0) / 255.0
+        with torch.no_grad():
+            y = forward_reference_chop(model, x, scale)
+        sr = np.clip(np.round(y[0].permute(1, 2, 0).double().numpy() * 255.0), 0, 255).astype(np.uint8)
+        values.append(plain_y_psnr(sr, hr, scale))
+    return float(np.mean(values))
+
+
+def state_digest(state_dict) -> str:
+    """SHA-256 of a state_dict (names and raw bytes, in order), as each rank tags its own."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, tensor in state_dict.items():
+        h.update(name.encode())
+        h.update(tensor.contiguous().numpy().tobytes())
+    return h.hexdigest()

@@ -36,3 +36,10 @@ def test_unreachable_tracking_server_fails_fast(train_shards):  # noqa: F811
     proc = run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--tracking-uri", uri)
     assert f"MLflow tracking server {uri} is not reachable" in _error(proc)
     assert "Ray" not in proc.stderr  # checked before any Ray instance starts
+
+
+def test_storage_path_that_cannot_be_created_is_one_line_before_ray(train_shards):  # noqa: F811
+    proc = run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--storage-path", "/proc/sr-audit")
+    line = _error(proc)
+    assert line.startswith("error: --storage-path /proc/sr-audit: cannot create or write it (")
+    assert "Ray" not in proc.stderr  # checked before any Ray instance starts

@@ -15,13 +15,17 @@ from pathlib import Path
 import pytest
 import torch
 from fixtures_train import (
+    cli_warnings,
     cluster_args,
+    mean_psnr,
     metric_steps,
     runs_named,
     start_cli,
+    state_digest,
     tiny_args,
     train_shards,  # noqa: F401 - fixture
     train_workers,
+    valid_pairs,
     wait_for_checkpoint,
 )
 from helpers import run_cli, stop_session
@@ -41,11 +45,16 @@ def _finish(proc, timeout: float = 300) -> int:
 def test_two_node_job_trains_and_tracks_everything(ray_cluster, mlflow_server, train_shards, tmp_path):  # noqa: F811
     from mlflow.tracking import MlflowClient
 
-    from pipeline.model import load_checkpoint
+    from pipeline.model import load_checkpoint, read_checkpoint
 
     store = tmp_path / "store"
+    # Credentials in the URI (the fixture server ignores them) must reach MLflow only, never
+    # Ray's job config, checkpoints, params or logs; bf16 on CPU must fall back to fp32 once.
+    secret = "s3cret-pw-" + os.urandom(4).hex()
+    uri_with_credentials = mlflow_server.uri.replace("http://", f"http://alice:{secret}@")
     args = tiny_args(train_shards, store, epochs=3, iters=8,
-                     extra=(*cluster_args(ray_cluster, mlflow_server.uri), "--experiment", "train-short", "--run-name", "short"))
+                     extra=(*cluster_args(ray_cluster, uri_with_credentials), "--experiment", "train-short",
+                            "--run-name", "short", "--precision", "bf16"))
     proc = start_cli(args, tmp_path / "train.log")
     nodes_seen: set[str] = set()
     while proc.poll() is None:  # independent of our own tag: where Ray placed the workers
@@ -104,6 +113,32 @@ def test_two_node_job_trains_and_tracks_everything(ray_cluster, mlflow_server, t
     assert load_checkpoint(ckpts[-1] / "model.pt").config == model.config
     state = torch.load(ckpts[-1] / "train_state.pt", weights_only=True)
     assert state["mlflow_run_id"] == run_id and state["progress"]["step"] == 24
+
+    # precision: asked bf16, ran fp32 (CPU), said so once, logged what really ran
+    assert params["precision"] == "bf16" and params["derived.precision"] == "fp32"
+    said = [w for w in cli_warnings(log) if "precision" in w]
+    assert len(said) == 1 and "--precision bf16 needs a CUDA GPU; running in fp32 on cpu" in said[0], said
+
+    # no secret in the logs, params, tags, the job config stored in checkpoints, the run record
+    assert secret not in log and "alice" not in log
+    assert not [v for v in (*params.values(), *tags.values()) if secret in v or "alice" in v]
+    assert params["tracking_uri"] == mlflow_server.uri
+    assert secret not in repr(state["config"]) and state["config"]["tracking_uri"] == mlflow_server.uri
+    assert not [p for p in store.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+
+    # every DDP rank ended with the same weights, and they are the checkpoint's (each rank
+    # tagged its own digest; the test hashes the checkpoint itself)
+    ranks = {k: v for k, v in tags.items() if k.startswith("sr.params_sha256.rank")}
+    last = read_checkpoint(ckpts[-1] / "model.pt")
+    assert sorted(ranks) == ["sr.params_sha256.rank0", "sr.params_sha256.rank1"]
+    assert set(ranks.values()) == {state_digest(last["state_dict"])}
+
+    # val/psnr, reduced over 2 ranks (2 + 1 images), equals the best model's mean PSNR on the
+    # 3 valid images read from the tars and scored here in one process by the plain formula
+    pairs = valid_pairs(train_shards, 2)
+    assert len(pairs) == 3
+    meta_step = max(psnr, key=lambda m: m.value).step
+    assert {m.step: m.value for m in psnr}[meta_step] == pytest.approx(mean_psnr(model, pairs, 2), abs=0.01)
 
 
 @pytest.mark.cluster

@@ -152,9 +152,11 @@ def test_validation_images_are_split_across_ranks(train_shards):  # noqa: F811
 
     valid = [str(p) for p in shard_paths(train_shards, "valid")]
     one = list(data.validation_from_shards(valid, 2, 0, 1))
-    assert len(one) == 1 and one[0].hr.shape[0] == 2 * one[0].lr.shape[0]
+    assert len(one) == 3 and all(s.hr.shape[0] == 2 * s.lr.shape[0] for s in one)
     parts = [list(data.validation_from_shards(valid, 2, r, 2)) for r in range(2)]
-    assert [len(p) for p in parts] == [1, 0]  # index 0 belongs to rank 0
+    assert [[s.index for s in p] for p in parts] == [[0, 2], [1]]  # index 0 belongs to rank 0
+    assert sorted(s.key for p in parts for s in p) == sorted(s.key for s in one)  # each image once
+    assert [s.key for s in data.validation_from_shards(valid, 2, 1, 2, max_images=1)] == []
 
 
 def test_validation_from_a_folder_makes_bicubic_lr(set5_dir):

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures_train import plain_y_psnr
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.console import UserError
@@ -178,8 +179,9 @@ def test_metric_logger_skips_steps_already_logged(tmp_path: Path, monkeypatch: p
 
     monkeypatch.chdir(tmp_path)  # a non-default sqlite store puts artifacts under ./mlruns
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, _, resumed = tracking.open_run(uri, "t", "job", str(tmp_path))
-    assert not resumed
+    run_id, _ = tracking.open_run(uri, "t", "job", str(tmp_path))
+    created = MlflowClient(uri).get_run(run_id)  # a new run, tagged with the Ray run's name
+    assert created.info.status == "RUNNING" and created.data.tags[tracking.TAG_RAY_RUN] == "job"
     first = tracking.MetricLogger(uri, run_id, enabled=True)
     for step in (2, 4, 6):
         first.log({"train/loss": 1.0 / step}, step)
@@ -194,6 +196,9 @@ def test_metric_logger_skips_steps_already_logged(tmp_path: Path, monkeypatch: p
     again.log({"train/loss": math.nan}, 10)  # not finite: not logged, not fatal
     assert len(client.get_metric_history(run_id, "train/loss")) == 4
     assert tracking.open_run(uri, "t", "job", str(tmp_path), run_id)[:1] == (run_id,)
+    # system metrics keep their own step counter: they never set a floor for ours
+    client.log_metric(run_id, "system/cpu_utilization_percentage", 5.0, step=1000)
+    assert "system/cpu_utilization_percentage" not in tracking.MetricLogger(uri, run_id, enabled=True).floors
 
 
 def test_params_keep_first_values_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -201,7 +206,7 @@ def test_params_keep_first_values_on_resume(tmp_path: Path, monkeypatch: pytest.
 
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id, _, _ = tracking.open_run(uri, "t", "job", str(tmp_path))
+    run_id, _ = tracking.open_run(uri, "t", "job", str(tmp_path))
     tracking.log_params(uri, run_id, {"epochs": 10, "lr": 1e-4, "aws_secret_access_key": "x"})
     tracking.log_params(uri, run_id, {"epochs": 20, "lr": 1e-4, "seed": 1})
     run = MlflowClient(uri).get_run(run_id)
@@ -216,3 +221,126 @@ def test_comparison_image_is_three_panels():
     img = tracking.comparison_image(lr, hr, hr, 2, crop=16)
     assert img.shape == (32, 3 * 32 + 8, 3) and img.dtype == np.uint8
     np.testing.assert_array_equal(img[:, 36:68], hr[14:46, 24:56])
+
+
+# ---------------------------------------------------------------------------------------------
+# precision, validation hash mode, weight digests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_loop_resolves_precision_once_and_only_rank_0_warns(capsys):
+    cpu = torch.device("cpu")
+    assert loop.agree_on_precision("bf16", cpu, rank=0) == "fp32"
+    assert capsys.readouterr().err.count("warning:") == 1
+    assert loop.agree_on_precision("bf16", cpu, rank=1) == "fp32"
+    assert loop.agree_on_precision("fp32", cpu, rank=0) == "fp32"
+    assert loop.agree_on_precision("auto", cpu, rank=0) == "fp32"
+    assert capsys.readouterr().err == ""
+
+
+def test_ray_train_report_logger_is_where_we_quiet_it():
+    """quiet_ray_train_reports reaches into a private Ray module (no public switch for the
+    workers' per-report INFO lines): this fails loudly when a Ray upgrade moves it."""
+    import logging
+
+    from ray.train.v2._internal.execution import context as ray_context
+
+    assert ray_context.logger.name == ray_context.__file__
+    logger = logging.getLogger(ray_context.__file__)
+    before = logger.level
+    try:
+        loop.quiet_ray_train_reports()
+        assert logger.level == logging.WARNING
+    finally:
+        logger.setLevel(before)
+
+
+def test_plain_psnr_of_the_tests_agrees_with_the_metric():
+    """The cluster test checks val/psnr with fixtures_train.plain_y_psnr: it must be the metric."""
+    from pipeline.evaluate.metrics import psnr
+
+    rng = np.random.default_rng(1)
+    hr = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+    sr = np.clip(hr.astype(int) + rng.integers(-9, 10, hr.shape), 0, 255).astype(np.uint8)
+    assert plain_y_psnr(sr, hr, 2) == pytest.approx(psnr(sr, hr, 2), abs=1e-9)
+    assert plain_y_psnr(hr, hr, 2) == 100.0
+
+
+def test_validation_restores_the_hash_mode_it_found():
+    from pipeline.model import DecoupledNonLocalAttention, hash_mode_of, set_hash_mode
+    from pipeline.train.data import ValSample
+    from pipeline.train.validation import validate
+
+    model = _tiny_model()
+    rng = np.random.default_rng(0)
+    hr = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    samples = [ValSample(0, "a", hr[::2, ::2].copy(), hr)]
+    layers = [m for m in model.modules() if isinstance(m, DecoupledNonLocalAttention)]
+
+    set_hash_mode(model, "fixed", seed=40)  # e.g. a caller that validates a frozen model
+    seeds = [layer.hash_seed for layer in layers]
+    model.train()
+    result = validate(model, samples, 2, 1.0, torch.device("cpu"), hash_seed=0)
+    assert result.count == 1 and math.isfinite(result.psnr_sum)
+    assert hash_mode_of(model) == "fixed" and [layer.hash_seed for layer in layers] == seeds
+    assert model.training
+
+    set_hash_mode(model, "stochastic")
+    model.eval()
+    again = validate(model, samples, 2, 1.0, torch.device("cpu"), hash_seed=0)
+    assert hash_mode_of(model) == "stochastic" and not model.training
+    assert again.psnr_sum == result.psnr_sum  # validation itself always runs fixed, seed 0
+
+
+def test_param_digest_tracks_every_weight():
+    model = _tiny_model()
+    digest = loop.param_digest(model)
+    assert digest == loop.param_digest(model) and len(digest) == 64
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1e-6
+    assert loop.param_digest(model) != digest
+
+
+# ---------------------------------------------------------------------------------------------
+# credentials never reach Ray; storage prepared before Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def test_worker_env_carries_no_credentials(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://alice:s3cr%40t@mlflow.example:5000/base")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr@t")
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "x")
+    env = launcher._worker_env("127.0.0.1:6379")
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/base"
+    assert env["MLFLOW_EXPERIMENT_NAME"] == "x" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
+    assert not any("alice" in v or "s3cr" in v for v in env.values())
+
+    # credentials of a user:password@ URI travel as MLflow's own variables, and only those
+    given = launcher.uri_credentials("http://bob:pw%2F1@127.0.0.1:5000")
+    with_uri = launcher._worker_env(None, {**given, "AWS_SECRET_ACCESS_KEY": "no"})
+    assert with_uri["MLFLOW_TRACKING_USERNAME"] == "bob" and with_uri["MLFLOW_TRACKING_PASSWORD"] == "pw/1"
+    assert "AWS_SECRET_ACCESS_KEY" not in with_uri and "RAY_ADDRESS" not in with_uri
+    assert with_uri["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/base"
+
+
+def test_driver_credentials_come_from_the_uri_and_are_put_back(monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    with launcher.credentials_in_env("http://bob:p%3Ass@127.0.0.1:5000"):
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p:ss"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "before" and "MLFLOW_TRACKING_PASSWORD" not in os.environ
+    assert launcher.uri_credentials("http://127.0.0.1:5000") == {}
+    with launcher.credentials_in_env("sqlite:///x.db"):
+        assert os.environ["MLFLOW_TRACKING_USERNAME"] == "before"
+
+
+def test_local_storage_is_prepared_or_refused_in_one_line(tmp_path: Path):
+    storage.prepare_local(str(tmp_path / "a" / "b"))
+    assert (tmp_path / "a" / "b").is_dir() and not list((tmp_path / "a" / "b").iterdir())
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match=f"--storage-path {tmp_path / 'file' / 'runs'}: cannot create or write it"):
+        storage.prepare_local(str(tmp_path / "file" / "runs"))

@@ -3,10 +3,17 @@
 A Ray checkpoint directory holds two files:
 
 * ``model.pt``: the model in our own format (:func:`pipeline.model.save_checkpoint`), so
-  ``sr-pipeline evaluate <checkpoint dir>`` works on any checkpoint without flags; with EMA
-  on, the averaged weights ride along as ``ema_state_dict``.
-* ``train_state.pt``: everything else a bit-exact resume needs: optimizer, LR schedule,
-  epoch/step, RNG states, best PSNR so far, the MLflow run id and the config.
+  ``sr-pipeline evaluate --checkpoint <checkpoint dir>`` works on any checkpoint without
+  model flags; with EMA on, the averaged weights ride along as ``ema_state_dict``.
+* ``train_state.pt``: the rest of the training state: optimizer moments, LR schedule,
+  counters (epoch, step, best PSNR and its step, skipped steps, restarts), the torch/numpy/
+  python RNG states, the MLflow run id and the config.
+
+What a resume restores, precisely: weights, EMA, optimizer, schedule, counters and RNG
+states, at the end of the checkpoint's epoch. What it does not: the data stream. The loader's
+position is not saved; :class:`pipeline.train.data.PatchStream` is reseeded from
+``(seed, stream, start_step)``, so the resumed run trains on different patches than an
+uninterrupted one would: the same optimisation continued, not a bit-exact replay.
 
 Both are read back with ``torch.load(weights_only=True)``: only tensors and plain containers
 are stored (RNG states of numpy/python as lists, never pickled objects).

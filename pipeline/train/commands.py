@@ -57,8 +57,9 @@ def train_cmd(
 ) -> None:
     """Train DNLAN with Ray Train (DDP) on WebDataset shards, tracked in MLflow.
 
-    Rerunning with the same --run-name continues that run from its last checkpoint, in the
-    same MLflow run.
+    Rerunning with the same --run-name continues that run from its last checkpoint, in the same MLflow run. Ctrl-C stops after the current step and keeps the last checkpoint.
+
+    val/psnr is measured on the valid shards, whose images preprocess cropped to a multiple of 12; `evaluate` crops to a multiple of the scale, so its PSNR can differ slightly.
     """
     from pipeline import console
     from pipeline.cli import parse_sets
@@ -88,6 +89,9 @@ def train_cmd(
     outcome = train(cfg, dashboard=dashboard)
     best = f"{outcome.best_psnr:.3f} dB" if outcome.best_psnr is not None else "n/a"
     console.info(f"done: run {outcome.run_name}, best validation PSNR {best}")
+    if outcome.best_psnr is not None and not cfg.val_data:
+        console.info("  (val/psnr: valid shards cropped to a multiple of 12; `evaluate` crops to a "
+                     "multiple of the scale, so its PSNR can differ slightly)")
     if outcome.model_version:
         console.info(f"  registered model dnlan-x{cfg.model.scale} version {outcome.model_version}")
     if outcome.checkpoint:

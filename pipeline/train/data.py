@@ -333,14 +333,3 @@ def validation_from_folder(
         hr = np.ascontiguousarray(hr[:h, :w])
         lr = imresize(hr, scale=1.0 / scale)
         yield ValSample(index, path.stem, lr, hr)
-
-
-def count_validation(shard_counts: Sequence[int] | None, folder: str | Path | None, max_images: int) -> int:
-    """Number of validation images (so every rank knows the global count without reading)."""
-    if folder is not None:
-        from pipeline.imageio import list_images
-
-        n = len(list_images(folder))
-    else:
-        n = sum(shard_counts or [])
-    return min(n, max_images) if max_images else n

@@ -2,8 +2,8 @@
 
 Order matters, and every failure before the launch is one clear line:
 
-1. resolve paths to absolute (relative paths break inside Ray workers) and read the shard
-   manifest (the trainer never scans tars to count);
+1. resolve paths to absolute (relative paths break inside Ray workers), read the shard
+   manifest (the trainer never scans tars to count), create a local storage path;
 2. connect to Ray (``--address`` / ``RAY_ADDRESS``) or start a local instance on 127.0.0.1;
 3. **preflight**: enough CPUs/GPUs for ``--workers``; storage, shards and the tracking server
    reachable from *every* node (one probe task pinned to each node), and a node-local storage
@@ -34,11 +34,16 @@ from pipeline.console import UserError
 from pipeline.train import storage
 from pipeline.train.loop import JobSpec
 
-# Settings workers take from the driver's environment. Credentials are NOT passed: a job's
-# runtime environment is shown by the Ray dashboard; every node needs its own (cluster/README.md),
-# and the preflight probe checks that each node's credentials are accepted.
+# Settings workers take from the driver's environment. The driver's own credential variables
+# are NOT passed: a job's runtime environment is shown by the Ray dashboard; every node needs its
+# own (cluster/README.md), and the preflight probe checks that each node's credentials are
+# accepted. A tracking URI reaches Ray (runtime env, job spec, config, checkpoints, logs) without
+# its user:password part; credentials embedded in it, which no node can have, travel instead as
+# the variables MLflow reads (CREDENTIAL_ENV), in the runtime env only (see _worker_env).
 PROPAGATED_ENV_PREFIXES = ("MLFLOW_", "NCCL_", "GLOO_", "SR_PIPELINE_")
 SECRET_MARKERS = ("PASSWORD", "TOKEN", "SECRET", "USERNAME", "KEY", "CREDENTIAL")
+URI_ENV_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+CREDENTIAL_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 @dataclass
@@ -108,22 +113,30 @@ def resolve_data(cfg: TrainConfig) -> JobSpec:
 # ---------------------------------------------------------------------------------------------
 
 
-def _worker_env(address: str | None) -> dict[str, str]:
+def _worker_env(address: str | None, credentials: dict[str, str] | None = None) -> dict[str, str]:
+    """The workers' environment variables: the driver's settings, never its credentials, plus
+    `credentials` (those of a user:password@ tracking URI, see :func:`uri_credentials`)."""
+    from pipeline.tracking import redact_uri
+
     env = {
-        k: v for k, v in os.environ.items()
+        k: redact_uri(v) if k in URI_ENV_VARS else v
+        for k, v in os.environ.items()
         if k.startswith(PROPAGATED_ENV_PREFIXES) and not any(m in k for m in SECRET_MARKERS)
     }
+    env.update({k: v for k, v in (credentials or {}).items() if k in CREDENTIAL_ENV})
     if address:  # Ray Train's helper actors look the cluster up by address (several may run here)
         env["RAY_ADDRESS"] = address
     return env
 
 
-def connect(address: str | None, dashboard: bool) -> tuple[bool, str | None]:
+def connect(
+    address: str | None, dashboard: bool, credentials: dict[str, str] | None = None
+) -> tuple[bool, str | None]:
     """(started_locally, dashboard URL). Local instances bind 127.0.0.1 only."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS") or None
-    runtime_env = {"env_vars": _worker_env(address)}
+    runtime_env = {"env_vars": _worker_env(address, credentials)}
     try:
         if address:
             ctx = ray.init(address=address, runtime_env=runtime_env, logging_level="WARNING", log_to_driver=True)
@@ -306,8 +319,42 @@ def check_reachability(
 
 
 # ---------------------------------------------------------------------------------------------
-# 4. run identity
+# 4. run identity and credentials
 # ---------------------------------------------------------------------------------------------
+
+
+def uri_credentials(uri: str) -> dict[str, str]:
+    """MLflow's credential variables for the user:password embedded in `uri` ({} when none)."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return {}
+    return {
+        "MLFLOW_TRACKING_USERNAME": unquote(parts.username or ""),
+        "MLFLOW_TRACKING_PASSWORD": unquote(parts.password or ""),
+    }
+
+
+@contextmanager
+def credentials_in_env(uri: str) -> Iterator[None]:
+    """While the driver talks to MLflow: the URI's credentials as MLflow's variables.
+
+    The driver then uses the redacted URI like the workers do, so an MLflow error message
+    (which quotes the request URL) can never show the password. Entered after Ray is up:
+    a local Ray instance must not inherit them either. The previous values come back after.
+    """
+    values = uri_credentials(uri)
+    previous = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def choose_run(cfg: TrainConfig, storage_path: str) -> tuple[str, dict[str, Any] | None]:
@@ -357,15 +404,28 @@ def _failure_line(exc: BaseException) -> str:
 
 def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
     """Everything `sr-pipeline train` does; returns the outcome (raises UserError on failure)."""
-    from pipeline.tracking import check_reachable, redact_uri, resolve_uri, run_url
-    from pipeline.train import tracking
+    from pipeline.tracking import check_reachable, redact_uri, resolve_uri
 
     # -- 1. resolve
     storage_path = storage.resolve(cfg.storage_path, defaults.storage_path())
-    cfg = dataclasses.replace(cfg, storage_path=storage_path)
     job = resolve_data(cfg)
-    tracking_uri = resolve_uri(cfg.tracking_uri)
-    check_reachable(tracking_uri)
+    given_uri = resolve_uri(cfg.tracking_uri)
+    check_reachable(given_uri)
+    # From here on only the redacted URI is used, shown or handed to Ray (the config travels to
+    # the workers and into every checkpoint and MLflow param); credentials embedded in the URI go
+    # to MLflow through its own variables: the driver's (credentials_in_env), the workers' (the
+    # runtime env, see connect).
+    tracking_uri = redact_uri(given_uri)
+    credentials = uri_credentials(given_uri)
+    if credentials:
+        console.warn(
+            "the tracking URI embeds credentials: the workers get them as MLFLOW_TRACKING_USERNAME/"
+            "MLFLOW_TRACKING_PASSWORD in their Ray runtime env (which the Ray dashboard shows); on a "
+            "shared cluster set these variables on every node instead and drop them from the URI"
+        )
+    cfg = dataclasses.replace(cfg, storage_path=storage_path, tracking_uri=tracking_uri)
+    if not storage.is_uri(storage_path):
+        storage.prepare_local(storage_path)  # before Ray: a bad path is one line, not a traceback
     run_name, record = choose_run(cfg, storage_path)
     if record is not None:
         check_same_model(cfg, record, run_name)
@@ -374,9 +434,27 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
 
     # -- 2. Ray
     import ray
+
+    started, dashboard_url = connect(cfg.address, dashboard, credentials)
+    try:
+        with credentials_in_env(given_uri):
+            return _train_on_cluster(cfg, job, run_name, record, dashboard_url)
+    finally:
+        if started:
+            ray.shutdown()
+
+
+def _train_on_cluster(
+    cfg: TrainConfig, job: JobSpec, run_name: str, record: dict[str, Any] | None, dashboard_url: str | None
+) -> Outcome:
+    """Steps 3-6, connected to Ray, with the driver's MLflow credentials in place."""
     import ray.train  # for its exception types below
 
-    started, dashboard_url = connect(cfg.address, dashboard)
+    from pipeline.device import dist_backend
+    from pipeline.tracking import run_url
+    from pipeline.train import tracking
+
+    storage_path, tracking_uri, run_dir = cfg.storage_path or "", cfg.tracking_uri or "", job.run_dir
     status = "FAILED"
     run_id = None
     try:
@@ -386,8 +464,7 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
             raise UserError("use_gpu=yes, but the Ray cluster has no GPUs")
         # -- 3. preflight
         check_resources(cfg, use_gpu, nodes)
-        if not storage.is_uri(storage_path):
-            Path(storage_path).mkdir(parents=True, exist_ok=True)
+        backend = dist_backend("cuda" if use_gpu else "cpu")
         check_reachability(cfg, job, storage_path, tracking_uri, nodes)
         n_streams = cfg.workers * max(1, cfg.loader_workers)
         if sum(job.train_counts) < n_streams:
@@ -399,44 +476,45 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
             )
 
         # -- 4. MLflow run (the same one on resume)
-        previous_id = record.get("mlflow_run_id") if record and record.get("tracking_uri") == redact_uri(tracking_uri) else None
-        run_id, exp_id, resumed = tracking.open_run(tracking_uri, cfg.experiment, run_name, run_dir, previous_id)
+        previous_id = record.get("mlflow_run_id") if record and record.get("tracking_uri") == tracking_uri else None
+        run_id, exp_id = tracking.open_run(tracking_uri, cfg.experiment, run_name, run_dir, previous_id)
         job.mlflow_run_id = run_id
-        params = flatten(dataclasses.replace(cfg, tracking_uri=redact_uri(tracking_uri), address=cfg.address or os.environ.get("RAY_ADDRESS")))
+        params = flatten(dataclasses.replace(cfg, address=cfg.address or os.environ.get("RAY_ADDRESS")))
         params.update(tracking.versions())
         params.update({
             "git.commit": tracking.git_commit() or "none",
             "cluster.nodes": info.nodes, "cluster.cpus": info.cpus, "cluster.gpus": info.gpus,
             "cluster.gpu_type": info.gpu_type, "derived.world_size": cfg.workers,
             "derived.per_worker_batch": cfg.per_worker_batch, "derived.lr_effective": cfg.effective_lr,
-            "derived.use_gpu": use_gpu, "derived.backend": "nccl" if use_gpu else "gloo",
+            "derived.use_gpu": use_gpu, "derived.backend": backend,
             "data.train_shards": len(job.train_shards), "data.train_samples": sum(job.train_counts),
             "data.val_images": job.val_count, "ray.run_name": run_name, "ray.storage_path": storage_path,
         })
         tracking.log_params(tracking_uri, run_id, params)
         storage.write_json(storage.join(run_dir, storage.RUN_FILE), {
             "format": "sr-pipeline/run", "run_name": run_name, "mlflow_run_id": run_id,
-            "tracking_uri": redact_uri(tracking_uri), "experiment": cfg.experiment,
+            "tracking_uri": tracking_uri, "experiment": cfg.experiment,
             "model": to_dict(cfg.model), "created": (record or {}).get("created") or time.strftime("%Y-%m-%dT%H:%M:%S"),
         })
 
         url = run_url(tracking_uri, exp_id, run_id)
         console.info(
             f"{'continuing' if record else 'starting'} run {run_name}: {cfg.workers} worker(s) on "
-            f"{info.nodes} node(s), {'GPU/nccl' if use_gpu else 'CPU/gloo'}, global batch {cfg.batch_size} "
+            f"{info.nodes} node(s), {'GPU' if use_gpu else 'CPU'}/{backend}, global batch {cfg.batch_size} "
             f"(<= {cfg.per_worker_batch} per worker), lr {cfg.effective_lr:g}"
         )
         console.info(f"  MLflow run:    {url or run_id}  (experiment {cfg.experiment!r}, run id {run_id})")
         if not url:
-            console.info(f"                browse it with: sr-pipeline ui   (store {redact_uri(tracking_uri)})")
+            console.info(f"                browse it with: sr-pipeline ui   (store {tracking_uri})")
         console.info(f"  Ray dashboard: {dashboard_url or 'off'}")
         console.info(f"  storage:       {run_dir}")
 
         # -- 5. fit
         stop_file = storage.join(run_dir, storage.STOP_FILE)
         storage.delete(stop_file)  # a reason left by an earlier attempt of this run
+        storage.delete(storage.join(run_dir, storage.STOP_REQUEST_FILE))  # an earlier Ctrl-C's request
         with training_progress(tracking_uri, run_id, cfg.epochs, cfg.iters_per_epoch):
-            result = fit(cfg, job, run_name, storage_path, use_gpu)
+            result = fit(cfg, job, run_name, storage_path, use_gpu, backend)
         stopped = storage.read_json(stop_file)
         outcome = Outcome(run_name, run_dir, run_id, "FAILED" if stopped else "FINISHED",
                           metrics=dict(result.metrics or {}),
@@ -467,8 +545,6 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
     finally:
         if run_id is not None:
             tracking.finish_run(tracking_uri, run_id, status)
-        if started:
-            ray.shutdown()
 
 
 @contextmanager
@@ -525,43 +601,37 @@ def read_best(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | 
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during fit(): the worker group was aborted; checkpoints are kept."""
+    """Ctrl-C during fit(): the workers were asked to stop (or abandoned); checkpoints are kept."""
 
 
-def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gpu: bool):
+def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gpu: bool, backend: str):
     """Build the TorchTrainer and run it (a rerun with the same name resumes).
 
-    Ctrl-C: the first one aborts the Ray Train controller (which stops the workers) and
-    :class:`Interrupted` is raised once it is gone; a second one stops waiting at once.
-    """
-    import signal
+    Ctrl-C: the first one writes a stop request into the run's storage; the workers see it
+    within seconds, leave after the same step on every rank and return (the last checkpoint
+    stays the one to resume from), and :class:`Interrupted` is raised once fit() is back. A
+    second one stops waiting at once.
 
-    import ray
+    Why fit() runs in a thread: in the main thread, Ray Train installs its own SIGINT handler
+    (it aborts the run, then exits the process on the third Ctrl-C, without saying what to do
+    next). Python lets only the main thread install signal handlers, so from another thread
+    Ray cannot, and Ctrl-C reaches this function as KeyboardInterrupt, through public APIs
+    only (no Ray internals to override).
+    """
+    import threading
+
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
 
-    class Trainer(TorchTrainer):
-        interrupted = False
-
-        def _register_sigint_handler(self, controller) -> None:  # replaces Ray's (which exits)
-            def on_sigint(signum, frame) -> None:
-                if self.interrupted:
-                    raise Interrupted()
-                self.interrupted = True
-                console.info("stopping (Ctrl-C): aborting the workers; the last checkpoint is kept")
-                controller.abort.remote()
-
-            signal.signal(signal.SIGINT, on_sigint)
-
     resources = {"CPU": cfg.cpus_per_worker}
     if use_gpu:
         resources["GPU"] = cfg.gpus_per_worker
-    trainer = Trainer(
+    trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "job": dataclasses.asdict(job)},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=cfg.dist_timeout_s),
+        torch_config=TorchConfig(backend=backend, timeout_s=cfg.dist_timeout_s),
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
             name=run_name,
@@ -571,13 +641,39 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
             logging_config=LoggingConfig(log_level="WARNING"),  # Ray's per-report INFO lines drown ours
         ),
     )
-    previous = signal.getsignal(signal.SIGINT)
+    ended: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            ended["result"] = trainer.fit()
+        except BaseException as exc:  # handed to the main thread as is
+            ended["error"] = exc
+
+    thread = threading.Thread(target=run, name="sr-pipeline-fit", daemon=True)
+    thread.start()
+    asked = False
+    while thread.is_alive():
+        try:
+            thread.join(timeout=0.5)
+        except KeyboardInterrupt:
+            if asked:
+                raise Interrupted() from None
+            asked = True
+            request_stop(job.run_dir)
+    if "error" in ended:
+        raise ended["error"]
+    result = ended["result"]
+    if asked and (result.metrics or {}).get("epoch") != cfg.epochs:  # not finished before it stopped
+        raise Interrupted()
+    return result
+
+
+def request_stop(run_dir: str) -> None:
+    """Ask the workers to stop (see :func:`fit`); if the request cannot be written, stop now."""
     try:
-        return trainer.fit()
-    except ray.exceptions.RayActorError:
-        if trainer.interrupted:
-            raise Interrupted() from None
-        raise
-    finally:
-        if trainer.interrupted or signal.getsignal(signal.SIGINT) is not previous:
-            signal.signal(signal.SIGINT, previous)
+        storage.write_json(storage.join(run_dir, storage.STOP_REQUEST_FILE), {"requested": time.time()})
+    except Exception as exc:
+        console.warn(f"cannot write the stop request ({' '.join(str(exc).split())[:200]}): stopping at once")
+        raise Interrupted() from None
+    console.info("stopping (Ctrl-C): the workers stop after their current step and keep the last checkpoint; "
+                 "Ctrl-C again to stop at once")

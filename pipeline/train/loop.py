@@ -8,11 +8,16 @@ multi-node job:
   calls ``ray.train.report`` once per epoch, never conditionally;
 * decisions that change control flow (skip a non-finite step, stop the job) are taken from
   values all-reduced across ranks, so every rank takes the same branch;
-* only rank 0 writes checkpoints, the best model and MLflow entries.
+* only rank 0 writes checkpoints, the best model and MLflow entries (plus one tag per rank
+  at the end: the digest of the weights that rank holds, an outside check that DDP kept the
+  ranks identical);
+* a stop request from the driver (Ctrl-C) is read by rank 0 and travels in the per-step
+  all-reduce, so every rank leaves the loop after the same step.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
 import sys
@@ -24,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-NONFINITE_STOP = "nonfinite"
+STOP_POLL_S = 2.0  # rank 0 looks for the driver's stop request at most this often
 
 
 @dataclass
@@ -73,6 +78,44 @@ def param_spread(model: torch.nn.Module, device: torch.device) -> float:
     return float((hi - lo).abs().max().item())
 
 
+def param_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of the model's state: every entry's name and raw bytes, in state_dict order."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def agree_on_precision(requested: str, device: torch.device, rank: int) -> str:
+    """The precision every rank runs in: resolved once per rank, fp32 unless all ranks agree.
+
+    A loss scaler on some ranks only would mix scaled and unscaled gradients in the all-reduce;
+    one collective here keeps the ranks on the same path. Only rank 0 warns (once per job).
+    """
+    from pipeline.device import resolve_precision
+
+    codes = ("fp32", "bf16", "fp16")
+    precision = resolve_precision(device, requested, warn=rank == 0)
+    code = float(codes.index(precision))
+    highest, neg_lowest = all_reduce_sum([code, -code], device, op="max")
+    if highest != -neg_lowest:  # the ranks resolved differently (mixed GPUs)
+        if rank == 0:
+            say(f"warning: the ranks cannot all run --precision {requested}; every rank runs in fp32")
+        return "fp32"
+    return precision
+
+
+def stop_requested(path: str) -> bool:
+    """Whether the driver asked the workers to stop (a file in the run's storage)."""
+    from pipeline.train import storage
+
+    try:
+        return storage.exists(path)
+    except Exception:  # a storage hiccup is not a stop request; the next poll asks again
+        return False
+
+
 def count_nodes() -> int:
     """Distinct Ray nodes the ranks run on (by node id: two nodes may share an IP address)."""
     import ray
@@ -117,6 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     from pipeline.model import build_from_config
     from pipeline.train import checkpoint as ckpt_io
     from pipeline.train import data, storage
+    from pipeline.train import tracking as run_tracking
     from pipeline.train.tracking import MetricLogger, comparison_image
     from pipeline.train.validation import validate
 
@@ -136,6 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    # Decided once (one warning, on rank 0), not per step: the value every step runs in.
+    precision = agree_on_precision(cfg.precision, device, rank)
 
     # ---- model, EMA, optimiser, LR schedule (spec section 4) -----------------------------
     model = build_from_config(cfg.model).to(device)
@@ -147,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     optimizer = torch.optim.Adam(trainable, lr=job.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(cfg.milestones), gamma=cfg.gamma)
     # fp16 gradients underflow without loss scaling; a no-op for fp32/bf16 and on CPU
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.precision == "fp16")
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and precision == "fp16")
 
     # ---- resume: after a restart (worker died) or a rerun with the same run name --------
     progress = ckpt_io.Progress()
@@ -178,6 +224,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     log.start_system_metrics()
     if rank == 0 and device.type == "cuda":
         log.set_tag("sr.gpu_name", torch.cuda.get_device_name(device))
+    if rank == 0 and job.tracking_uri and job.mlflow_run_id:
+        # what the run really computes in; the `precision` param is what was asked for
+        run_tracking.log_params(job.tracking_uri, job.mlflow_run_id, {"derived.precision": precision})
     nodes_used = count_nodes()
     log.set_tag("sr.nodes_used", str(nodes_used))
     log.set_tag("sr.world_size", str(world))
@@ -193,6 +242,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
 
     # ---- the loop --------------------------------------------------------------------------
     stop_reason: str | None = None
+    interrupted = False
+    stop_request = storage.join(job.run_dir, storage.STOP_REQUEST_FILE) if job.run_dir else None
+    next_poll = 0.0
+    steps_run = 0
     bad_in_a_row = 0
     total_steps = cfg.epochs * cfg.iters_per_epoch
     last_print = time.monotonic()
@@ -205,15 +258,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
             t_data = time.perf_counter() - t0
             lr_img = data.to_model_range(lr_u8, device, rgb_range)
             hr_img = data.to_model_range(hr_u8, device, rgb_range)
-            with autocast(device, cfg.precision):
+            with autocast(device, precision):
                 sr = ddp_model(lr_img)
             loss = F.l1_loss(sr.float(), hr_img)
 
+            asked = 0.0
+            if rank == 0 and stop_request and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + STOP_POLL_S
+                asked = float(stop_requested(stop_request))
             # One collective gives every rank the global mean loss (so all agree on whether it
-            # is finite) and the mean data-wait time.
-            loss_sum, wait_sum = all_reduce_sum([loss.item() * local_batch, t_data], device)
+            # is finite), the mean data-wait time and rank 0's view of a stop request.
+            loss_sum, wait_sum, asked_sum = all_reduce_sum([loss.item() * local_batch, t_data, asked], device)
+            if asked_sum > 0:
+                interrupted = True
+                break
             global_loss = loss_sum / cfg.batch_size
             progress.step += 1
+            steps_run += 1
             if not math.isfinite(global_loss):
                 bad_in_a_row += 1
                 progress.skipped_steps += 1
@@ -265,6 +326,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
                     )
                 window = {"loss": 0.0, "steps": 0, "wait": 0.0, "time": 0.0}
 
+        if interrupted:
+            # Asked by the driver (Ctrl-C): no report and no checkpoint mid-epoch (an epoch is
+            # the unit a resume restarts from); the last checkpoint stays the one to resume.
+            if rank == 0:
+                say(f"stopped on request after step {progress.step}; the last checkpoint is kept")
+            break
         if stop_reason is not None:
             # Every rank stops here (the decision came from all-reduced values), without a report
             # or checkpoint: the last checkpoint stays the good one. The driver reads the reason.
@@ -310,5 +377,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
                              run_id=job.mlflow_run_id, config=config["train"])
             ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
+    if steps_run and job.tracking_uri and job.mlflow_run_id:
+        # Each rank's own account of its weights, compared from outside (tests, audits)
+        # with each other and with the checkpoint.
+        run_tracking.set_tag(job.tracking_uri, job.mlflow_run_id, f"sr.params_sha256.rank{rank}", param_digest(model))
     log.close()
     del batches, loader

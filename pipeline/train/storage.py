@@ -22,6 +22,7 @@ from pipeline.console import UserError
 
 RUN_FILE = "sr_run.json"
 STOP_FILE = "stopped.json"  # why the workers stopped on their own (non-finite losses)
+STOP_REQUEST_FILE = "stop_request.json"  # the driver asks the workers to stop (Ctrl-C)
 BEST_DIR = "best_model"
 
 # Filesystem types (from /proc/mounts) that are shared between machines.
@@ -95,6 +96,22 @@ def write_json(path: str, data: dict[str, Any]) -> None:
     fs.create_dir(p.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(p) as f:  # single-object PUT: atomic on object stores
         f.write(payload)
+
+
+def prepare_local(path: str) -> None:
+    """Create a local storage directory and prove it writable, as one clear line on failure.
+
+    Runs before Ray starts, so a bad ``--storage-path`` costs nothing and shows no traceback.
+    """
+    where = Path(path)
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".sr-pipeline-write-test-", dir=where)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise UserError(f"--storage-path {path}: cannot create or write it ({reason})") from None
 
 
 def upload_dir(local_dir: str | Path, dest: str) -> None:

@@ -5,19 +5,21 @@ Who logs what:
 * the **driver** creates (or finds again) the run before any worker starts, so it can print
   the run's address at once; it logs the params and, at the end, the best model and its
   Model Registry version;
-* **rank 0** logs metrics, comparison images and system metrics while training.
+* **rank 0** logs metrics, comparison images and system metrics while training (every rank
+  tags the digest of its final weights, see :mod:`pipeline.train.loop`).
 
 No duplicate steps: a restarted worker group resumes from the last *checkpoint*, which can be
 behind the last *logged* step. Rank 0 therefore reads, per metric, the highest step already in
-the run and skips re-logging steps up to it (the values logged first stay; they came from the same
-trajectory up to the failure). Every call goes through
+the run and skips re-logging steps up to it. The values logged first stay: the resumed group
+repeats those steps from the checkpoint's weights but with freshly seeded data (see
+:class:`pipeline.train.data.PatchStream`), so its values for them differ slightly; the first
+ones are what the run went through. Every call goes through
 :func:`pipeline.tracking.with_retries`: a tracking hiccup is logged and survived, never fatal.
 """
 
 from __future__ import annotations
 
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -45,8 +47,8 @@ def _client(uri: str):
 
 def open_run(
     uri: str, experiment: str, ray_run_name: str, run_dir: str, run_id: str | None = None
-) -> tuple[str, str, bool]:
-    """(run id, experiment id, resumed): the run recorded for this job, or a new one."""
+) -> tuple[str, str]:
+    """(run id, experiment id): the run recorded for this job (`run_id`), or a new one."""
     client = _client(uri)
     exp_id = experiment_id(experiment, uri)
     if run_id:
@@ -55,12 +57,12 @@ def open_run(
             if run.info.lifecycle_stage != "deleted":
                 if run.info.status != "RUNNING":
                     client.update_run(run_id, status="RUNNING")
-                return run_id, run.info.experiment_id, True
+                return run_id, run.info.experiment_id
         except Exception as exc:  # run gone (other store, deleted): start a new one, say so
             console.warn(f"MLflow run {run_id} of this job was not found ({type(exc).__name__}); starting a new run")
     tags = {TAG_RAY_RUN: ray_run_name, TAG_STORAGE: run_dir, "mlflow.source.name": "sr-pipeline train"}
     run = client.create_run(exp_id, run_name=ray_run_name, tags=tags)
-    return run.info.run_id, exp_id, False
+    return run.info.run_id, exp_id
 
 
 def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
@@ -68,7 +70,8 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
     from mlflow.entities import Param, RunTag
 
     client = _client(uri)
-    existing = client.get_run(run_id).data.params
+    run = with_retries(client.get_run, run_id, what="MLflow get run")
+    existing = run.data.params if run is not None else {}
     params = safe_params(params)
     new = [Param(k, v) for k, v in params.items() if k not in existing]
     changed = [RunTag(f"resume.changed.{k}", v) for k, v in params.items() if k in existing and existing[k] != v]
@@ -78,10 +81,9 @@ def log_params(uri: str, run_id: str, params: dict[str, Any]) -> None:
         with_retries(client.log_batch, run_id, tags=changed, what="MLflow log tags")
 
 
-def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
-    from mlflow.entities import RunTag
-
-    with_retries(_client(uri).log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()], what="MLflow tags")
+def set_tag(uri: str, run_id: str, key: str, value: str) -> None:
+    """One tag, from any process (the ranks' weight digests)."""
+    with_retries(_client(uri).set_tag, run_id, key, value, what="MLflow set tag")
 
 
 def finish_run(uri: str, run_id: str, status: str) -> None:
@@ -177,13 +179,14 @@ class MetricLogger:
             return
         self.client = _client(uri)
         run = with_retries(self.client.get_run, run_id, what="MLflow get run")
-        if run is not None:  # the run's latest entry of each metric carries its largest step
-            latest = getattr(run.data, "_metric_objs", None)
-            if latest is None:  # older/newer MLflow without it: read the histories (slower)
-                latest = [m for k in run.data.metrics for m in self.client.get_metric_history(run_id, k)]
-            for m in latest:
-                if not m.key.startswith("system/"):
-                    self.floors[m.key] = max(m.step, self.floors.get(m.key, -1))
+        # Public API only: the run lists its metric keys; each key's history gives its steps.
+        # One call per key, once per worker group (system/* metrics keep their own counter).
+        for key in sorted(run.data.metrics) if run is not None else []:
+            if key.startswith("system/"):
+                continue
+            history = with_retries(self.client.get_metric_history, run_id, key, what="MLflow metric history")
+            if history:
+                self.floors[key] = max(m.step for m in history)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if not self.enabled:
@@ -207,10 +210,6 @@ class MetricLogger:
     def set_tag(self, key: str, value: str) -> None:
         if self.enabled:
             with_retries(self.client.set_tag, self.run_id, key, value, what="MLflow set tag")
-
-    def log_dir(self, local_dir: str, artifact_path: str) -> None:
-        if self.enabled:
-            with_retries(self.client.log_artifacts, self.run_id, local_dir, artifact_path, what="MLflow upload")
 
     def start_system_metrics(self, interval: float = 10.0) -> None:
         """CPU/memory/disk/network (and GPU when pynvml is present) as ``system/*`` metrics."""
@@ -250,7 +249,3 @@ def comparison_image(lr: np.ndarray, sr: np.ndarray, hr: np.ndarray, scale: int,
     hr_c = hr[y * s : (y + c) * s, x * s : (x + c) * s]
     gap = np.full((c * s, 4, 3), 255, dtype=np.uint8)
     return np.concatenate([bic, gap, sr_c, gap, hr_c], axis=1)
-
-
-def tempdir() -> tempfile.TemporaryDirectory:
-    return tempfile.TemporaryDirectory(prefix="sr-train-")

@@ -3,6 +3,12 @@
 The model runs in ``fixed`` hash mode (a deterministic projection per layer), so two
 validations of the same weights give the same PSNR and "best" means better weights, not a
 luckier hash draw. Large images go through the reference's recursive chop, as in `evaluate`.
+
+Why ``val/psnr`` and ``evaluate``'s ``eval/<set>/x<s>/psnr`` can differ for the same images:
+validation images from shards are stored by `preprocess` cropped to a multiple of 12 (so one
+set of shards serves x2, x3 and x4), while `evaluate` crops to a multiple of the scale only; a
+few border rows and columns more or less change the PSNR slightly. (``--val-data FOLDER``
+crops to a multiple of the scale, as `evaluate` does.)
 """
 
 from __future__ import annotations
@@ -44,23 +50,23 @@ def validate(
     device: torch.device,
     hash_seed: int,
 ) -> ValResult:
-    """PSNR (Y, shave = scale) of this rank's images; the model's hash mode is restored after."""
+    """PSNR (Y, shave = scale) of this rank's images; the model's hash mode and train/eval
+    state are what they were before, whatever they were (training runs stochastic)."""
     from pipeline.evaluate.metrics import psnr
-    from pipeline.model import set_hash_mode
+    from pipeline.model import temporary_hash_mode
 
     was_training = model.training
     model.eval()
-    set_hash_mode(model, "fixed", seed=hash_seed)
     result = ValResult()
     try:
-        for sample in samples:
-            sr = super_resolve(model, sample.lr, scale, rgb_range, device)
-            value = psnr(sr, sample.hr, scale)
-            result.psnr_sum += min(value, 100.0)  # identical images give inf; cap for the mean
-            result.count += 1
-            if sample.index == 0:
-                result.first = (sample.lr, sr, sample.hr)
+        with temporary_hash_mode(model, "fixed", seed=hash_seed):
+            for sample in samples:
+                sr = super_resolve(model, sample.lr, scale, rgb_range, device)
+                value = psnr(sr, sample.hr, scale)
+                result.psnr_sum += min(value, 100.0)  # identical images give inf; cap for the mean
+                result.count += 1
+                if sample.index == 0:
+                    result.first = (sample.lr, sr, sample.hr)
     finally:
-        set_hash_mode(model, "stochastic")
         model.train(was_training)
     return result
