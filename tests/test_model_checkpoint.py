@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.config import ConfigError
 from pipeline.console import UserError
 from pipeline.model import (
     build_model,
@@ -20,7 +21,7 @@ from pipeline.model import (
     save_checkpoint,
     set_hash_mode,
 )
-from pipeline.model.checkpoint import first_mismatch, infer_architecture
+from pipeline.model.checkpoint import _clip, _one_line, first_mismatch, infer_architecture
 
 SMALL = {"n_resgroups": 2, "n_resblocks": 1, "n_feats": 16, "chunk_size": 16, "n_hashlength": 3}
 
@@ -151,16 +152,22 @@ class _Evil:
 
 
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
-@pytest.mark.parametrize("how", ["torch_zip", "legacy_pickle"])
+@pytest.mark.parametrize("how", ["torch_zip", "legacy_pickle", "text_pickle"])
 def test_malicious_pickle_is_refused_without_running(tmp_path: Path, how: str):
+    """``text_pickle`` is protocol 0: printable ASCII with no magic number, yet a real pickle
+    that would run code, so it gets the security wording, not "not a PyTorch file"."""
     victim = tmp_path / "pwned.txt"
     path = tmp_path / "evil.pt"
     payload = {"state_dict": {"a": torch.zeros(1)}, "x": _Evil(str(victim))}
+    if how == "text_pickle":
+        payload["state_dict"] = {"a": [0.0]}  # a tensor's storage would add raw bytes
     if how == "torch_zip":
         torch.save(payload, path)
     else:
         with open(path, "wb") as fh:
-            pickle.dump(payload, fh)
+            pickle.dump(payload, fh, protocol=0 if how == "text_pickle" else None)
+    if how == "text_pickle":
+        path.read_bytes().decode("ascii")  # the control: it really looks like a text file
     # sanity: an unrestricted unpickler really would create the file
     assert not victim.exists()
     for fn in (load_checkpoint, read_checkpoint):
@@ -168,8 +175,11 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, how: str):
             fn(path)
         assert "\n" not in str(err.value) and str(path) in str(err.value)
         assert "refused" in str(err.value)
+        msg = str(err.value)
+        assert "possibly code" in msg and "Unsupported" in msg  # the unpickler's own reason
+        assert "weights_only` set to `False`" not in msg  # never torch's "just disable it" advice
     assert not victim.exists()
-    if how == "legacy_pickle":
+    if how != "torch_zip":
         with open(path, "rb") as fh:
             pickle.load(fh)  # the control: plain pickle runs the payload
         assert victim.exists()
@@ -201,6 +211,182 @@ def test_bad_files_give_one_line_errors(tmp_path: Path):
     with pytest.raises(UserError, match="directory"):
         read_checkpoint(tmp_path)
     assert zipfile.is_zipfile(good)  # the good file is untouched
+
+
+class _System:
+    def __reduce__(self):
+        return (os.system, ("exit 3",))
+
+
+def test_blocked_module_pickle_gets_the_security_wording(tmp_path: Path):
+    """torch words a blocked module (os/posix) differently from an unknown global; both are
+    refusals, and the unpickler's own sentence is what the line quotes."""
+    path = tmp_path / "system.pt"
+    torch.save({"state_dict": {"a": torch.zeros(1)}, "x": _System()}, path)
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: refused to load: ") and "possibly code" in msg, msg
+    assert "system" in msg and "blocked" in msg and "\n" not in msg
+    assert "weights_only` set to `False`" not in msg
+
+
+PNG_HEADER = b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(64)
+
+
+@pytest.mark.parametrize(
+    "name,content,looks",
+    [
+        ("weights.json", b'{"head.0.weight": [[0.1, 0.2]], "scale": 2}\n', "a text file"),
+        ("notes.pt", b"hello world\n", "a text file"),
+        # 'c' is pickle's GLOBAL opcode: the unpickler reports an unsupported global here
+        ("config.yaml", b"checkpoint: model.pt\nscale: 2\n", "a text file"),
+        ("photo.pt", PNG_HEADER, "another binary format"),
+    ],
+)
+def test_non_pytorch_files_are_not_reported_as_security_refusals(tmp_path: Path, name, content,
+                                                                  looks):
+    """JSON starts with '{', which the weights_only unpickler rejects as an unsupported
+    operand: that is a wrong file, not a hostile one, and the message must say so."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    for fn in (load_checkpoint, read_checkpoint):
+        with pytest.raises(UserError) as err:
+            fn(path)
+        msg = str(err.value)
+        assert "not a PyTorch file at all" in msg and looks in msg, msg
+        assert name in msg and "\n" not in msg
+        assert "refused" not in msg and "code" not in msg
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(UserError, match=r"empty\.pt: not a readable PyTorch checkpoint: the file "
+                                        r"is empty$"):
+        load_checkpoint(tmp_path / "empty.pt")
+
+
+@pytest.mark.parametrize("keep", [0.3, 0.5, 0.9, 0.999])
+def test_truncated_checkpoint_is_named_truncated_in_a_complete_sentence(tmp_path: Path, keep):
+    """torch says "[Errno 22] Invalid argument" for short cuts and a 300+ character miniz text
+    for long ones; both are one plain diagnosis here, never a message cut mid-word."""
+    data = save_checkpoint(tmp_path / "good.pt", small()).read_bytes()
+    path = tmp_path / "trunc.pt"
+    path.write_bytes(data[: int(len(data) * keep)])
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: not a readable PyTorch checkpoint")
+    assert "the file was cut short" in msg and msg.endswith("?)")
+
+
+def test_corrupt_zip_member_error_is_clipped_at_a_sentence(tmp_path: Path):
+    """A complete archive with a damaged member header: torch's long miniz message is kept up
+    to its last whole sentence that fits."""
+    path = save_checkpoint(tmp_path / "m.pt", small())
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as zf:
+        member = next(i for i in zf.infolist() if "/data/" in i.filename)
+    data[member.header_offset: member.header_offset + 4] = b"\xff" * 4  # local header magic
+    path.write_bytes(bytes(data))
+    with pytest.raises(UserError) as err:
+        load_checkpoint(path)
+    msg = str(err.value)
+    assert "\n" not in msg and "not a readable PyTorch checkpoint (truncated or corrupt?)" in msg
+    assert "archive is corrupted" in msg and msg.endswith(".")
+
+
+def test_clip_cuts_at_a_sentence_or_word_boundary():
+    assert _clip("short  text\n here") == "short text here"
+    sentences = "First cause here. " + "Second sentence is long. " * 20
+    clipped = _clip(sentences, 100)
+    assert len(clipped) <= 100 and clipped.endswith("long.") and sentences.startswith(clipped)
+    words = " ".join(f"word{i}" for i in range(100))
+    clipped = _clip(words, 60)
+    assert len(clipped) <= 60 and clipped.endswith("…")
+    body = clipped[:-1]
+    assert words.startswith(body) and words[len(body)] == " "  # whole words only
+    assert _clip("x" * 80, 50) == "x" * 49 + "…"
+
+
+def test_one_line_never_cuts_a_word():
+    """The error texts torch raises can be long; the line we show ends on a whole word."""
+    words = [f"token{i:03d}" for i in range(80)]  # 80 * 9 characters, no sentence end
+    line = _one_line(RuntimeError(" ".join(words) + "\nsecond line"))
+    assert len(line) <= 300 and line.endswith("…") and "second" not in line
+    assert line[:-1].split(" ") == words[: len(line[:-1].split(" "))]  # only whole tokens
+    long_sentence = RuntimeError("The archive is damaged. " + "Try again later please. " * 30)
+    line = _one_line(long_sentence)
+    assert len(line) <= 300 and line.endswith("please.") and "…" not in line
+    assert _one_line(ValueError("   ")) == "ValueError"
+
+
+def _rewrite(path: Path, **changes) -> Path:
+    ckpt = torch.load(path, weights_only=True)
+    for key, value in changes.items():
+        if key == "config_scale":
+            ckpt["model_config"]["scale"] = value
+        else:
+            ckpt[key] = value
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "changes,text",
+    [
+        ({"scale": 5}, "its scale entry is 5; scale must be 2, 3 or 4"),
+        ({"scale": True}, "its scale entry is True; scale must be 2, 3 or 4"),
+        ({"scale": 2.0}, "its scale entry is 2.0; scale must be 2, 3 or 4"),
+        ({"scale": 3}, "its scale entry (3) disagrees with its model_config (scale 2)"),
+        ({"scale": 5, "config_scale": 5}, "scale entry is 5; scale must be 2, 3 or 4"),
+        ({"config_scale": 8}, "its scale entry (2) disagrees with its model_config (scale 8)"),
+    ],
+)
+def test_scale_in_checkpoint_metadata_outside_2_3_4_is_refused(tmp_path: Path, changes, text):
+    """Evaluation reads the ``scale`` entry on its own, so a bad one must never get through
+    read_checkpoint, and load_checkpoint must not build some other scale instead."""
+    path = _rewrite(save_checkpoint(tmp_path / "m.pt", small()), **changes)
+    for fn in (read_checkpoint, load_checkpoint):
+        with pytest.raises(UserError) as err:
+            fn(path)
+        msg = str(err.value)
+        assert msg.startswith(f"{path}: damaged sr-pipeline checkpoint: ") and text in msg, msg
+        assert "\n" not in msg
+
+
+@pytest.mark.parametrize("bad", [5, 0, 1, -2, 8])
+def test_scale_outside_2_3_4_is_refused_not_replaced(tmp_path: Path, bad: int):
+    official = export_state_dict(tmp_path / "x2.pt", small())
+    ours = save_checkpoint(tmp_path / "ours.pt", small())
+    calls = [
+        (official, {}),  # architecture read from the shapes
+        (official, {"preset": "tiny", **SMALL}),
+        (ours, {}),
+    ]
+    for path, kwargs in calls:
+        with pytest.raises(ConfigError) as err:
+            load_checkpoint(path, scale=bad, **kwargs)
+        msg = str(err.value)
+        assert str(path) in msg and f"scale {bad}" in msg and "must be 2, 3 or 4" in msg
+        assert "\n" not in msg
+        assert isinstance(err.value, UserError)  # shown by the CLI as one `error:` line
+
+
+@pytest.mark.parametrize("bad", [2.0, True, "2"])
+def test_requested_scale_must_be_an_integer_2_3_4(tmp_path: Path, bad):
+    path = export_state_dict(tmp_path / "x2.pt", small())
+    with pytest.raises(UserError, match=r"cannot load as scale .*: scale must be 2, 3 or 4$"):
+        load_checkpoint(path, scale=bad)
+
+
+def test_unexpected_upsampler_width_is_named_not_guessed(tmp_path: Path):
+    state = small().state_dict()
+    state["tail.0.0.weight"] = torch.zeros(40, 16, 3, 3)
+    state["tail.0.0.bias"] = torch.zeros(40)
+    with pytest.raises(UserError, match=r"'tail\.0\.0\.weight' has 40 output channels; expected "
+                                        r"64 \(x2, x4\) or 144 \(x3\)"):
+        infer_architecture(state)
+    torch.save(state, tmp_path / "odd.pt")
+    with pytest.raises(UserError, match=r"odd\.pt: .*tail\.0\.0\.weight"):
+        load_checkpoint(tmp_path / "odd.pt")
 
 
 def test_atomic_save_keeps_old_file_when_writing_fails(tmp_path: Path):

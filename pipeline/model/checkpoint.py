@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import pickle
+import pickletools
+import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
@@ -120,10 +124,117 @@ def export_state_dict(path: str | Path, model: nn.Module) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+ONE_LINE_LIMIT = 300
+ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
+PICKLE_PROTO = b"\x80"  # a pickle of protocol >= 2: torch.save's legacy format (or a raw pickle)
+
+
+def _clip(text: str, limit: int = ONE_LINE_LIMIT) -> str:
+    """``text`` on one line, at most ``limit`` characters, never cut mid-word.
+
+    Prefers ending at the last complete sentence that fits (torch's messages put the cause
+    first and the advice after); otherwise cuts at a word boundary and marks it with ``…``.
+    """
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    head = text[: limit + 1]
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s)", head)]
+    if ends and ends[-1] >= limit // 4:
+        return head[: ends[-1]]
+    cut = head.rfind(" ", 0, limit)
+    return (head[:cut] if cut > 0 else head[: limit - 1]).rstrip(" ,;:") + "…"
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = text[0] if text else type(exc).__name__
-    return " ".join(first.split())[:300]
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return _clip(lines[0]) if lines else type(exc).__name__
+
+
+def _refusal_reason(exc: BaseException) -> str | None:
+    """The weights_only unpickler's own reason when it refused the file, else None.
+
+    torch re-raises the unpickler's error ``from None`` inside paragraphs whose advice is to
+    allow-list globals or pass ``weights_only=False`` (the opposite of what to do with an
+    unknown file); the original error is still the exception's ``__context__``. Its first
+    sentence (e.g. ``Unsupported global: GLOBAL print was not an allowed global by default.``)
+    is what the user needs.
+    """
+    if not isinstance(exc, pickle.UnpicklingError) or "Weights only load failed" not in str(exc):
+        return None
+    inner = exc.__context__
+    text = " ".join(str(inner).split()) if isinstance(inner, pickle.UnpicklingError) else ""
+    match = re.match(r"(.+?[.!?])(?=\s|$)", text)
+    return _clip(match.group(1) if match else text, 200) or "rejected by the weights_only loader"
+
+
+def _is_pickle_stream(path: Path) -> bool:
+    """Whether the file opens with one complete pickle (opcodes parse up to STOP).
+
+    Pickle protocols 0 and 1 are printable or arbitrary bytes with no magic number, so a text
+    file cannot be told apart from an old-protocol pickle by its first bytes; parsing the
+    opcodes (without executing any) can. Text that is not a pickle fails within a few bytes.
+    """
+    try:
+        with open(path, "rb") as fh:
+            return any(op.name == "STOP" for op, _, _ in pickletools.genops(fh))
+    except Exception:  # any parse failure (unknown opcode, truncated argument) means "no"
+        return False
+
+
+def _file_kind(path: Path) -> str:
+    """What the bytes say: ``empty``, ``zip``, ``pickle``, ``text`` or ``binary``."""
+    with open(path, "rb") as fh:
+        head = fh.read(512)
+    if not head:
+        return "empty"
+    if head.startswith(ZIP_MAGIC):
+        return "zip"
+    if head.startswith(PICKLE_PROTO) or _is_pickle_stream(path):
+        return "pickle"
+    try:
+        head.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        # a multi-byte character cut by the 512-byte window is still text
+        if exc.start < len(head) - 3:
+            return "binary"
+    return "binary" if b"\x00" in head else "text"
+
+
+def _load_error(path: Path, exc: BaseException) -> UserError:
+    """One line that tells a security refusal apart from a file that is simply not a checkpoint."""
+    try:
+        kind = _file_kind(path)
+    except OSError as err:
+        return UserError(f"{path}: cannot read the checkpoint: {err.strerror or err}")
+    if kind == "empty":
+        return UserError(f"{path}: not a readable PyTorch checkpoint: the file is empty")
+    if kind in ("text", "binary"):
+        looks = "a text file, e.g. JSON or YAML" if kind == "text" else "another binary format"
+        return UserError(
+            f"{path}: not a readable PyTorch checkpoint: it is not a PyTorch file at all "
+            f"(neither a zip archive nor a binary pickle as torch.save writes; it looks like {looks})"
+        )
+    if kind == "zip" and not zipfile.is_zipfile(path):
+        # torch reports this as a miniz error or a bare "[Errno 22]" depending on the length
+        return UserError(
+            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): its zip archive "
+            "has no end record, so the file was cut short (an interrupted copy or download?)"
+        )
+    reason = _refusal_reason(exc)
+    if reason is not None:
+        if reason.startswith("Unsupported operand"):
+            what = ("uses pickle instructions that torch.save never writes for plain weights "
+                    "(corrupt, or possibly code)")
+        else:
+            what = "contains pickled objects that are not plain weights (possibly code)"
+        return UserError(
+            f"{path}: refused to load: the file {what}; only tensors and plain data are "
+            f"accepted ({reason})"
+        )
+    return UserError(
+        f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_one_line(exc)}"
+    )
 
 
 def _torch_load(path: Path) -> Any:
@@ -134,16 +245,7 @@ def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for bad files; all mean "unreadable"
-        text = str(exc)
-        if "weights_only" in text or "Weights only load failed" in text:
-            raise UserError(
-                f"{path}: refused to load: the file contains pickled objects that are not plain "
-                f"weights (possibly code); only tensors and plain data are accepted "
-                f"({_one_line(exc)})"
-            ) from None
-        raise UserError(
-            f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {_one_line(exc)}"
-        ) from None
+        raise _load_error(path, exc) from None
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -152,6 +254,28 @@ def _is_state_dict(obj: Any) -> bool:
         and len(obj) > 0
         and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
     )
+
+
+def _valid_scale(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value in SCALES
+
+
+def _check_stored_scale(path: Path, ckpt: Mapping[str, Any]) -> None:
+    """The ``scale`` entry is read on its own (e.g. to pick a benchmark's LR folder), so it must
+    be a supported scale and agree with the stored model_config; never replaced by a guess."""
+    scale = ckpt["scale"]
+    if not _valid_scale(scale):
+        raise UserError(
+            f"{path}: damaged sr-pipeline checkpoint: its scale entry is {scale!r}; "
+            "scale must be 2, 3 or 4"
+        )
+    config = ckpt["model_config"]
+    stored = config.get("scale") if isinstance(config, Mapping) else None
+    if stored != scale:
+        raise UserError(
+            f"{path}: damaged sr-pipeline checkpoint: its scale entry ({scale}) disagrees with "
+            f"its model_config (scale {stored!r})"
+        )
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -170,6 +294,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 raise UserError(f"{path}: damaged sr-pipeline checkpoint: no {key!r} entry")
         if not _is_state_dict(obj["state_dict"]):
             raise UserError(f"{path}: damaged sr-pipeline checkpoint: 'state_dict' holds no tensors")
+        _check_stored_scale(path, obj)
         return dict(obj)
     if _is_state_dict(obj):
         return {"state_dict": OrderedDict(obj)}
@@ -263,8 +388,13 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
             scale = 4
         elif up == 9 * feats:
             scale = 3
-        else:
+        elif up == 4 * feats:
             scale = 2
+        else:
+            raise UserError(
+                f"not a DNLAN state_dict: upsampler 'tail.0.0.weight' has {up} output channels; "
+                f"expected {4 * feats} (x2, x4) or {9 * feats} (x3) for n_feats {feats}"
+            )
     except (KeyError, IndexError, ZeroDivisionError) as exc:
         raise UserError(f"not a DNLAN state_dict: expected key {exc} is missing") from None
     arch: dict[str, Any] = {
@@ -313,8 +443,6 @@ def _config_from_official(path: Path, state: Mapping[str, Tensor], preset: str |
             arch = infer_architecture(state)
             if scale is not None:
                 arch["scale"] = scale  # explicit scale wins; a wrong one fails the strict load
-            if arch["scale"] not in SCALES:
-                arch["scale"] = 2
             cfg = model_config("paper", **arch)
             console.info(
                 f"{path}: official state_dict; architecture read from its shapes: "
@@ -337,8 +465,12 @@ def load_checkpoint(path: str | Path, preset: str | None = None, scale: int | No
     overrides must agree with it, runtime options (n_hashes, n_hashlength, chunk_size) may be
     overridden. Official: ``preset`` (default ``paper``) + ``scale`` + ``overrides``; with none
     of preset/overrides given, the architecture is read from the tensor shapes (announced).
+    A ``scale`` outside 2/3/4 is a ConfigError for both formats (never replaced by another).
     """
     path = Path(path)
+    if scale is not None and not _valid_scale(scale):
+        # checked before anything else so that no path can quietly substitute another scale
+        raise ConfigError(f"{path}: cannot load as scale {scale!r}: scale must be 2, 3 or 4")
     ckpt = read_checkpoint(path)
     if "format" in ckpt:
         cfg = _config_from_ours(path, ckpt, scale, overrides)
