@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import struct
+import sys
 import tempfile
+import threading
 import zlib
 from pathlib import Path
 
@@ -22,18 +25,77 @@ from pipeline.console import UserError
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm"}
 
 
-def to_uint8_rgb(img, path: str | Path = "<image>") -> tuple[np.ndarray, str | None]:
-    """Convert a PIL image to an HxWx3 uint8 array; returns (array, note-if-converted).
+# Unsigned 16-bit grey as Pillow's raw decoders name it (mode "I" in Pillow < 11 for PNG/PGM).
+_U16_GREY = {"I;16", "I;16B", "I;16L", "I;16N"}
 
-    16-bit images are scaled to 8 bits (not clipped), palettes expanded, alpha dropped
-    (composited on black would invent colours; DIV2K-style data has no alpha), grey repeated.
+
+def _rawmode(img) -> str | None:
+    """The pixel layout of the undecoded file (e.g. ``RGB;16B``): lost once the image is loaded,
+    and the only place where Pillow shows the bit depth of a 48/64-bit colour image."""
+    tiles = getattr(img, "tile", None) or []
+    if not tiles:
+        return None
+    args = tiles[0][3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _ppm_maxval(img) -> int:
+    tiles = getattr(img, "tile", None) or []
+    args = tiles[0][3] if tiles else None
+    if img.format == "PPM" and isinstance(args, tuple) and len(args) > 1 and isinstance(args[1], int):
+        return args[1]
+    return 255
+
+
+def scale16(values: np.ndarray) -> np.ndarray:
+    """0..65535 -> 0..255 as round(v * 255 / 65535): exact, so 257 * k maps back to k."""
+    v = np.clip(np.asarray(values, dtype=np.int64), 0, 65535)
+    return ((v * 255 + 32767) // 65535).astype(np.uint8)
+
+
+def _grey16(img, path: str | Path, rawmode: str | None) -> np.ndarray:
+    """HxW uint8 from a single-channel integer image; UserError unless it is unsigned 16-bit.
+
+    Pillow reports 16-bit grey as mode ``I;16*`` (or ``I`` in older versions, and for PGM files,
+    whose values it scales to 0..65535) but also puts 32-bit and signed TIFFs in mode ``I``:
+    only the undecoded raw mode tells them apart. Guessing from the data (max <= 255 -> 8-bit)
+    would make a dark 16-bit image bright, so anything else is refused.
     """
     mode = img.mode
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return np.repeat(arr[:, :, None], 3, axis=2), f"{mode} (16-bit) converted to 8-bit RGB"
+    sixteen = mode in _U16_GREY or (mode == "I" and (rawmode in _U16_GREY or img.format == "PPM"))
+    if not sixteen:
+        kind = "signed 16-bit" if rawmode and "16" in rawmode else "32-bit"
+        detail = f"mode {mode}, {rawmode}" if rawmode else f"mode {mode}"
+        raise UserError(
+            f"{path}: {kind} integer image ({detail}) is not supported; save it as 8- or 16-bit unsigned"
+        )
+    return scale16(np.asarray(img))
+
+
+def to_uint8_rgb(
+    img, path: str | Path = "<image>", rawmode: str | None = None
+) -> tuple[np.ndarray, str | None]:
+    """Convert a PIL image to an HxWx3 uint8 array; returns (array, note-if-converted).
+
+    16-bit grey is scaled by 255/65535 (not clipped, not guessed from the data), palettes
+    expanded, alpha dropped (composited on black would invent colours; DIV2K-style data has no
+    alpha), grey repeated. Floating-point (mode ``F``), 32-bit and signed integer images are
+    refused: their value range is not knowable from the file. ``rawmode`` is the undecoded
+    pixel layout (see :func:`read_image`); without it a mode ``I`` image counts as 32-bit.
+    """
+    mode = img.mode
+    if mode == "F":
+        raise UserError(
+            f"{path}: floating-point image (mode F) is not supported (its value range is unknown); "
+            "save it as 8- or 16-bit"
+        )
+    if mode == "I" or mode.startswith("I;16"):
+        grey = _grey16(img, path, rawmode)
+        return np.repeat(grey[:, :, None], 3, axis=2), f"16-bit grey ({rawmode or mode}) converted to 8-bit RGB"
     if mode == "RGB":
         return np.asarray(img, dtype=np.uint8).copy(), None
     if mode == "P" and "transparency" in img.info:
@@ -44,12 +106,56 @@ def to_uint8_rgb(img, path: str | Path = "<image>") -> tuple[np.ndarray, str | N
         raise UserError(f"{path}: unsupported image mode {mode} ({exc})") from None
 
 
+def _low_byte_rawmode(rawmode: str | None) -> str | None:
+    """For a 16-bit-per-channel colour layout, the layout that makes Pillow's decoder keep the
+    LOW byte of each sample: the same unpacker with the other byte order."""
+    m = re.fullmatch(r"(RGB|RGBA);16([BLN])", rawmode or "")
+    if m is None:
+        return None
+    order = m.group(2)
+    if order == "N":
+        order = "B" if sys.byteorder == "big" else "L"
+    return f"{m.group(1)};16{'L' if order == 'B' else 'B'}"
+
+
+def _exact_wide_rgb(path: Path, high: np.ndarray, low_rawmode: str) -> np.ndarray | None:
+    """HxWx3 uint8 of a 48/64-bit colour image, rounded from all 16 bits.
+
+    Pillow decodes such files to 8 bits by keeping the high byte (floor(v / 256), up to one level
+    below round(v * 255 / 65535), which 16-bit grey gets). Decoding the file a second time with
+    the byte order swapped yields the low bytes; together they give the 16-bit samples. None if
+    this Pillow refuses the swapped layout (the caller keeps the high bytes and says so).
+    """
+    from PIL import Image
+
+    try:
+        with Image.open(path) as again:
+            again.tile = [
+                t._replace(args=_swap_args(t[3], low_rawmode)) if hasattr(t, "_replace")
+                else (t[0], t[1], t[2], _swap_args(t[3], low_rawmode))
+                for t in again.tile
+            ]
+            again.load()
+            low = np.asarray(again, dtype=np.uint8)
+    except (OSError, ValueError, KeyError, SyntaxError):
+        return None
+    if low.shape != high.shape:
+        return None
+    full = high.astype(np.uint16) << 8 | low.astype(np.uint16)
+    return scale16(full[..., :3])
+
+
+def _swap_args(args, rawmode: str):
+    return rawmode if isinstance(args, str) else (rawmode, *args[1:])
+
+
 def read_image(path: str | Path, keep_gray: bool = False) -> tuple[np.ndarray, str | None]:
     """Decode an image file fully (so truncation is detected here, not later).
 
     Returns ``(array, note)``: HxWx3 uint8 RGB, or HxW uint8 when ``keep_gray`` and the file is
-    single-channel 8-bit (benchmark protocols treat grey images as Y). ``note`` says what was
-    converted, if anything.
+    single-channel 8- or 16-bit grey (benchmark protocols treat grey images as Y). ``note``
+    says what was converted, if anything. 16-bit samples (grey or colour) become
+    round(v * 255 / 65535); float and 32-bit/signed integer images are refused (one line).
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -60,15 +166,22 @@ def read_image(path: str | Path, keep_gray: bool = False) -> tuple[np.ndarray, s
         raise UserError(f"{p}: is a directory, not an image")
     try:
         with Image.open(p) as img:
-            # Pillow silently keeps only the high byte of 48/64-bit PNGs and reports mode RGB(A);
-            # the raw mode of the undecoded tile is the only place the bit depth shows.
-            wide = any(";16" in str(getattr(t, "args", "")) for t in (img.tile or []))
+            rawmode = _rawmode(img)
+            wide = ";16" in (rawmode or "") or _ppm_maxval(img) > 255
             img.load()
             if keep_gray and img.mode == "L":
                 return np.asarray(img, dtype=np.uint8).copy(), None
-            array, note = to_uint8_rgb(img, p)
+            if keep_gray and (img.mode == "I" or img.mode.startswith("I;16")):
+                return _grey16(img, p, rawmode), f"16-bit grey ({rawmode or img.mode}) converted to 8-bit"
+            low_rawmode = _low_byte_rawmode(rawmode) if img.mode in ("RGB", "RGBA") else None
+            if low_rawmode is not None:
+                exact = _exact_wide_rgb(p, np.asarray(img, dtype=np.uint8), low_rawmode)
+                if exact is not None:
+                    return exact, f"16-bit {img.mode} ({rawmode}) converted to 8-bit RGB"
+            array, note = to_uint8_rgb(img, p, rawmode)
             if wide and note is None:
-                note = f"16-bit {img.mode} converted to 8-bit RGB"
+                kept = " (high byte of each sample kept)" if low_rawmode is not None else ""
+                note = f"16-bit {img.mode} converted to 8-bit RGB{kept}"
             return array, note
     except UnidentifiedImageError:
         raise UserError(f"{p}: not an image file (or an unsupported format)") from None
@@ -125,14 +238,40 @@ def decode_png(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB") if img.mode != "RGB" else img, dtype=np.uint8).copy()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (/proc), else by the
+    set-and-restore dance under a lock (os.umask has no read-only form)."""
+    try:
+        with open(f"/proc/{os.getpid()}/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+_UMASK_LOCK = threading.Lock()
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` via a temporary file in the same directory and a rename."""
+    """Write `data` to `path` via a temporary file in the same directory and a rename.
+
+    mkstemp creates its file with mode 0600 whatever the umask; the file is given the mode a
+    plain ``open(path, "w")`` would have (0666 minus the umask) before the rename, so manifests,
+    checkpoints and written images are as readable as any other file the user creates.
+    """
     p = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            if hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
             os.fsync(f.fileno())
         os.replace(tmp, p)
     except BaseException:

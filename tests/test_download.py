@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import stat
 import tarfile
 import zipfile
@@ -148,6 +149,41 @@ def _malicious(kind: str, root: Path, outside: Path) -> None:
         _tar(root / "benchmark.tar", ok, [_link("benchmark/link", str(outside))])
     elif kind == "tar-hardlink-out":
         _tar(root / "benchmark.tar", ok, [_link("benchmark/hard", "../outside/evil.txt", hard=True)])
+    elif kind == "tar-symlink-chain":  # each link's text stays inside; the chain climbs out
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/d1/d2/l2", "../.."), _link("benchmark/l1", "d1/d2/l2/../.."),
+        ])
+    elif kind == "tar-symlink-chain-deep":  # the same chain, aimed at the folder beside DEST
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/d1/d2/l2", "../.."), _link("benchmark/l1", "d1/d2/l2/../../../outside"),
+        ])
+    elif kind == "tar-hardlink-to-symlink":  # a hard link would copy what the chain reaches
+        (outside / "secret.txt").write_bytes(b"secret")
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/d1/d2/l2", "../.."), _link("benchmark/l1", "d1/d2/l2/../../../outside"),
+            _link("benchmark/copy.txt", "benchmark/l1/secret.txt", hard=True),
+        ])
+    elif kind == "tar-hardlink-to-link":  # directly to a symbolic link member
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/alias", "Set5/HR/a.png"), _link("benchmark/copy.png", "benchmark/alias", hard=True),
+        ])
+    elif kind == "tar-write-through-link":  # a later member placed under an earlier link
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/d1/d2/l2", "../.."), _link("benchmark/l1", "d1/d2/l2/../../../outside"),
+            _link("benchmark/l1/planted", "x"),
+        ])
+    elif kind == "tar-file-through-link":  # a link to a folder (outside via a chain), then a file in it
+        planted = tarfile.TarInfo("benchmark/l1/planted.txt")  # empty regular file, after the links
+        _tar(root / "benchmark.tar", ok, [
+            _link("benchmark/d1/d2/l2", "../.."), _link("benchmark/l1", "d1/d2/l2/../../../outside"), planted,
+        ])
+    elif kind == "tar-file-through-inside-link":  # even a link that stays inside is never written through
+        planted = tarfile.TarInfo("benchmark/alias/HR/planted.png")
+        _tar(root / "benchmark.tar", ok, [_link("benchmark/alias", "Set5"), planted])
+    elif kind == "tar-link-name-twice":  # a file, then a link under the same name
+        _tar(root / "benchmark.tar", {**ok, "benchmark/twice": b"x"}, [_link("benchmark/twice", "Set5")])
+    elif kind == "tar-dangling-symlink":
+        _tar(root / "benchmark.tar", ok, [_link("benchmark/later", "not-in-the-archive")])
     elif kind == "tar-device":
         dev = tarfile.TarInfo("benchmark/dev")
         dev.type = tarfile.CHRTYPE
@@ -169,17 +205,20 @@ def _malicious(kind: str, root: Path, outside: Path) -> None:
 @pytest.mark.parametrize(
     "kind",
     ["tar-dotdot", "tar-absolute", "tar-symlink-out", "tar-symlink-abs", "tar-hardlink-out", "tar-device",
-     "zip-dotdot", "zip-absolute", "zip-symlink"],
+     "tar-symlink-chain", "tar-symlink-chain-deep", "tar-hardlink-to-symlink", "tar-hardlink-to-link",
+     "tar-write-through-link", "tar-file-through-link", "tar-file-through-inside-link", "tar-link-name-twice",
+     "tar-dangling-symlink", "zip-dotdot", "zip-absolute", "zip-symlink"],
 )
 def test_malicious_archives_are_refused(kind, file_server, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     dest = tmp_path / "sandbox" / "dest"
     _malicious(kind, file_server.root, outside)
+    before = sorted(p.name for p in outside.iterdir())
     with pytest.raises(UserError, match="refused") as err:
         dl.download("benchmarks", dest, base_url=file_server.base)
     assert "benchmark.tar" in str(err.value)
-    assert list(outside.iterdir()) == []
+    assert sorted(p.name for p in outside.iterdir()) == before
     assert sorted(p.name for p in dest.iterdir()) == [".downloads"]  # nothing extracted at all
     assert not (dest / ".downloads" / "benchmark.tar.done").exists()
     assert sorted(p.name for p in (tmp_path / "sandbox").iterdir()) == ["dest"]
@@ -203,3 +242,103 @@ def test_links_inside_the_archive_are_kept(file_server, tmp_path):
     assert (dest / "benchmark" / "alias").is_symlink()
     assert (dest / "benchmark" / "alias" / "HR" / "a.png").read_bytes() == b"fine"
     assert (dest / "benchmark" / "copy.png").read_bytes() == b"fine"
+
+
+def test_symlink_chain_is_refused_by_safe_extract(tmp_path):
+    """The reviewer's repro, through the public function: no link may resolve outside DEST."""
+    archive = tmp_path / "chain.tar"
+    _tar(archive, {"top/f.txt": b"x"}, [_link("top/d1/d2/l2", "../.."), _link("top/l1", "d1/d2/l2/../..")])
+    dest = tmp_path / "dest"
+    with pytest.raises(UserError, match=r"refused, member 'top/l1' is a symbolic link that resolves outside"):
+        dl.safe_extract(archive, dest)
+    assert list(dest.iterdir()) == []
+
+
+def _own_data(dest: Path) -> None:
+    (dest / "benchmark" / "MyOwnSet").mkdir(parents=True)
+    (dest / "benchmark" / "MyOwnSet" / "keep.txt").write_text("mine")
+    (dest / "benchmark" / "Set5" / "HR").mkdir(parents=True)
+    (dest / "benchmark" / "Set5" / "HR" / "a.png").write_bytes(b"my edited copy")
+    (dest / "benchmark" / "Set5" / "HR" / "b.png").write_bytes(b"same")
+
+
+def test_existing_folder_is_merged_never_deleted(file_server, tmp_path):
+    _tar(file_server.root / "benchmark.tar", {
+        "benchmark/Set5/HR/a.png": b"archive version", "benchmark/Set5/HR/b.png": b"same",
+        "benchmark/Set5/HR/c.png": b"new", "benchmark/Set14/HR/d.png": b"new set",
+    })
+    dest = tmp_path / "dest"
+    _own_data(dest)
+    proc = run_cli("download", "benchmarks", "--dest", str(dest), "--url", file_server.base, env=no_proxy_env(), check=True)
+    assert (dest / "benchmark" / "MyOwnSet" / "keep.txt").read_text() == "mine"
+    assert (dest / "benchmark" / "Set5" / "HR" / "a.png").read_bytes() == b"my edited copy"  # the user's wins
+    assert (dest / "benchmark" / "Set5" / "HR" / "b.png").read_bytes() == b"same"
+    assert (dest / "benchmark" / "Set5" / "HR" / "c.png").read_bytes() == b"new"
+    assert (dest / "benchmark" / "Set14" / "HR" / "d.png").read_bytes() == b"new set"
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "kept 1 existing file(s)" in warnings[0]
+    assert str(dest / "benchmark" / "Set5" / "HR" / "a.png") in warnings[0] and "--overwrite" in warnings[0]
+    assert (dest / ".downloads" / "benchmark.tar.done").is_file()
+    assert sorted(p.name for p in dest.iterdir()) == [".downloads", "benchmark"]  # no temporary folder left
+    # --overwrite: the archive's versions replace differing files; the user's other files stay
+    again = run_cli("download", "benchmarks", "--dest", str(dest), "--url", file_server.base, "--overwrite",
+                    env=no_proxy_env(), check=True)
+    assert "already downloaded" not in again.stderr and "replaced 1 existing file(s)" in again.stderr
+    assert not [line for line in again.stderr.splitlines() if line.startswith("warning:")]
+    assert (dest / "benchmark" / "Set5" / "HR" / "a.png").read_bytes() == b"archive version"
+    assert (dest / "benchmark" / "MyOwnSet" / "keep.txt").read_text() == "mine"
+    assert (dest / "benchmark" / "Set14" / "HR" / "d.png").read_bytes() == b"new set"
+    assert sorted(p.name for p in dest.iterdir()) == [".downloads", "benchmark"]
+
+
+def test_overwrite_never_replaces_a_folder_or_writes_through_a_link(tmp_path):
+    archive = tmp_path / "benchmark.tar"
+    _tar(archive, {"benchmark/Set5/HR/a.png": b"x", "benchmark/notes": b"archive file"})
+    dest = tmp_path / "dest"
+    (dest / "benchmark" / "notes").mkdir(parents=True)  # the user's folder where the archive has a file
+    (dest / "benchmark" / "notes" / "mine.txt").write_text("mine")
+    with pytest.raises(UserError, match=r"notes: is a folder, but benchmark.tar has a file there"):
+        dl.safe_extract(archive, dest, overwrite=True)
+    assert (dest / "benchmark" / "notes" / "mine.txt").read_text() == "mine"
+    assert not (dest / "benchmark" / "Set5").exists()  # nothing moved before the refusal
+    # a file the user replaced by a link: overwrite swaps the link itself, its target is untouched
+    shutil.rmtree(dest / "benchmark" / "notes")
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not in dest")
+    (dest / "benchmark" / "notes").symlink_to(elsewhere)
+    assert dl.safe_extract(archive, dest) == ["benchmark"]  # without overwrite the link is kept
+    assert (dest / "benchmark" / "notes").is_symlink()
+    dl.safe_extract(archive, dest, overwrite=True)
+    assert not (dest / "benchmark" / "notes").is_symlink()
+    assert (dest / "benchmark" / "notes").read_bytes() == b"archive file"
+    assert elsewhere.read_text() == "not in dest"
+
+
+def test_clash_of_kinds_refuses_before_moving_anything(tmp_path):
+    archive = tmp_path / "benchmark.tar"
+    _tar(archive, {"benchmark/Set5/HR/a.png": b"x", "benchmark/Set14/HR/b.png": b"y"})
+    dest = tmp_path / "dest"
+    (dest / "benchmark").mkdir(parents=True)
+    (dest / "benchmark" / "Set5").write_text("a file where the archive has a folder")
+    with pytest.raises(UserError, match=r"Set5: exists and is not a folder.*nothing was extracted"):
+        dl.safe_extract(archive, dest)
+    assert (dest / "benchmark" / "Set5").read_text() == "a file where the archive has a folder"
+    assert sorted(p.name for p in (dest / "benchmark").iterdir()) == ["Set5"]  # Set14 not moved in either
+    assert sorted(p.name for p in dest.iterdir()) == ["benchmark"]
+    # a symbolic link in DEST is never written through
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (dest / "benchmark" / "Set5").unlink()
+    (dest / "benchmark" / "Set5").symlink_to(outside)
+    with pytest.raises(UserError, match="is a symbolic link; refusing to extract"):
+        dl.safe_extract(archive, dest)
+    assert list(outside.iterdir()) == []
+
+
+def test_extracting_twice_is_idempotent(tmp_path):
+    archive = tmp_path / "benchmark.tar"
+    _tar(archive, {"benchmark/Set5/HR/a.png": b"x"}, [_link("benchmark/alias", "Set5")])
+    dest = tmp_path / "dest"
+    assert dl.safe_extract(archive, dest) == ["benchmark"]
+    assert dl.safe_extract(archive, dest) == ["benchmark"]  # identical files and links: nothing to say
+    assert (dest / "benchmark" / "alias" / "HR" / "a.png").read_bytes() == b"x"

@@ -241,3 +241,19 @@ def test_injected_write_error_leaves_no_partial_shard(t91_small, tmp_path, monke
     monkeypatch.undo()
     run_preprocess(cfg)  # space is back: the rerun completes from where it stopped
     assert read_manifest(out)["splits"]["train"]["samples"] > 16 * len(written)
+
+
+def test_float_and_32bit_images_are_bad_inputs_not_black_samples(t91_small, tmp_path):
+    """Mode F (values 0..1) used to become an all-black sample, 32-bit I a saturated one."""
+    Image.fromarray(np.random.default_rng(0).random((60, 60)).astype(np.float32)).save(t91_small / "x_float.tif")
+    out = tmp_path / "out"
+    proc = run_cli("preprocess", "--images", str(t91_small), "--out", str(out), *SMALL)
+    assert proc.returncode == 1
+    line = _one_error_line(proc.stderr)
+    assert "x_float.tif" in line and "floating-point image (mode F)" in line
+    assert not (out / "manifest.json").exists()
+    Image.fromarray(np.full((60, 60), 70000, np.int32)).save(t91_small / "y_int32.tif")
+    run_cli("preprocess", "--images", str(t91_small), "--out", str(out), *SMALL, "--skip-bad", check=True)
+    skipped = {Path(s["file"]).name: s["error"] for s in read_manifest(out)["skipped"]}
+    assert set(skipped) == {"x_float.tif", "y_int32.tif"}
+    assert "32-bit integer image" in skipped["y_int32.tif"]

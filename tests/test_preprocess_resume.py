@@ -75,9 +75,15 @@ def test_killed_and_interrupted_runs_resume_to_identical_shards(set14_copy, tmp_
             assert not _session_pids(proc.pid), "worker processes outlived the killed run"
         finally:
             stop_session(proc)
+        kept = {n: s for n, s in _stat(out).items() if n in _journaled(out)}
         if sig == signal.SIGINT:
             assert proc.returncode == 130  # the CLI's exit code for Ctrl-C
             assert not list(out.glob(".*.tmp")), "Ctrl-C left a temporary shard behind"
+            stderr = proc.stderr.read()
+            assert "Traceback" not in stderr
+            assert (f"interrupted: {len(kept)} complete shard(s) kept in {out}; "
+                    "rerun the same command to resume") in stderr, stderr
+            assert len([line for line in stderr.splitlines() if "interrupted" in line]) == 1, stderr
         else:
             assert proc.returncode == -signal.SIGKILL
         assert not (out / "manifest.json").exists()
@@ -85,7 +91,6 @@ def test_killed_and_interrupted_runs_resume_to_identical_shards(set14_copy, tmp_
         assert 0 < len(partial) < len(expected)
         for name, data in partial.items():  # nothing under a final name is partial
             assert data == expected[name], name
-        kept = {n: s for n, s in _stat(out).items() if n in _journaled(out)}
         assert kept
 
         rerun = run_cli("preprocess", "--images", str(set14_copy), "--holdout", "1", "--out", str(out), *ARGS, check=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import fixtures_preprocess
@@ -143,7 +144,9 @@ def test_changed_settings_rebuild_and_remove_stale_shards(t91_small, tmp_path):
     out = tmp_path / "out"
     run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=8))
     many = len(list(out.glob("div2k-train-*.tar")))
-    run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=64))
+    with pytest.raises(UserError, match=r"shard_samples 8 -> 64.*--force"):
+        run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=64))
+    run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=64), force=True)
     names = sorted(p.name for p in out.glob("div2k-*.tar"))
     assert len(names) < many
     assert names == [s["name"] for s in read_manifest(out)["splits"]["train"]["shards"]]
@@ -247,3 +250,42 @@ def test_webdataset_reads_the_shards(t91_small, tmp_path):
         keys.append(sample["__key__"])
     assert len(keys) == len(set(keys)) == read_manifest(out)["splits"]["train"]["samples"]
     assert os.path.basename(urls[0]) == "div2k-train-000000.tar"
+
+
+def _modes(out: Path) -> dict[str, int]:
+    return {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+
+
+def test_finished_dataset_is_only_replaced_with_force(t91_small, tmp_path):
+    out = tmp_path / "out"
+    base = ["--images", str(t91_small), "--out", str(out), "--scales", "2", "-j", "1"]
+    run_cli("preprocess", *base, *SMALL, check=True)
+    before = shard_bytes(out)
+    first = manifest(out)
+    bad = run_cli("preprocess", *base, "--crop", "96", "--step", "48", "--shard-samples", "16", "--holdout", "1")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    errors = [line for line in bad.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert str(out) in errors[0] and "--force" in errors[0]
+    for change in ("crop 48 -> 96", "step 24 -> 48", "holdout unset -> 1"):
+        assert change in errors[0], errors[0]
+    assert shard_bytes(out) == before and manifest(out) == first  # nothing touched
+    same = run_cli("preprocess", *base, *SMALL, check=True)  # identical settings: still a no-op
+    assert "--force" not in same.stderr and manifest(out) == first
+    run_cli("preprocess", *base, "--crop", "96", "--step", "48", "--shard-samples", "16", "--holdout", "1",
+            "--force", check=True)
+    m = manifest(out)
+    assert m["params"]["crop"] == 96 and m["inputs"]["holdout"] == 1 and m["splits"]["valid"]["images"] == 1
+
+
+def test_written_files_follow_the_umask(t91_small, tmp_path):
+    """Manifest (atomic write) and shards (their own temporary file) get the same, usual mode."""
+    out = tmp_path / "out"
+    previous = os.umask(0o027)
+    try:
+        run_preprocess(_cfg(images=str(t91_small), out=str(out), scales=[2], jobs=1))
+    finally:
+        os.umask(previous)
+    modes = _modes(out)
+    assert "manifest.json" in modes and any(n.startswith("div2k-") for n in modes)
+    assert set(modes.values()) == {0o640}, modes

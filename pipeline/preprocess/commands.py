@@ -27,12 +27,14 @@ def preprocess(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: all cores).")] = None,  # noqa: UP045
     skip_bad: Annotated[Optional[bool], typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images and list them in the manifest instead of stopping.")] = None,  # noqa: UP045
     png_compress_level: Annotated[Optional[int], typer.Option("--png-compress-level", help="zlib level 0-9 for the stored PNGs (default 1: fastest; higher levels save little space for much more CPU).")] = None,  # noqa: UP045
+    force: Annotated[bool, typer.Option("--force", help="Replace a finished dataset in --out that was made with other settings (without it, that is an error).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Only re-hash the shards in --out against manifest.json.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file with preprocess options (CLI options win).")] = None,  # noqa: UP045
 ) -> None:
     """Cut DIV2K (or any image folder) into WebDataset shards: HR sub-images with MATLAB-bicubic LR.
 
     Resumable: rerun the same command after a crash or Ctrl-C and complete shards are kept.
+    A finished dataset in --out made with other settings is only replaced with --force.
     """
     from pipeline import defaults
     from pipeline.preprocess import shards
@@ -59,7 +61,12 @@ def preprocess(
             )
     if not cfg.out:
         cfg.out = str(defaults.data_dir() / "shards")
-    shards.run_preprocess(cfg)
+    try:
+        shards.run_preprocess(cfg, force=force)
+    except KeyboardInterrupt:
+        # run_preprocess has already said what is kept and how to resume: exit with Ctrl-C's
+        # usual code without the CLI's generic "interrupted" line after it.
+        raise SystemExit(130) from None
 
 
 def download(
@@ -67,12 +74,13 @@ def download(
     dest: Annotated[Optional[str], typer.Option("--dest", help="Where to extract. Default: $SR_PIPELINE_HOME/data.")] = None,  # noqa: UP045
     url: Annotated[Optional[str], typer.Option("--url", help="Base URL to fetch the archives from instead of the official one (also $SR_PIPELINE_DOWNLOAD_URL).")] = None,  # noqa: UP045
     keep_archive: Annotated[bool, typer.Option("--keep-archive", help="Keep the downloaded archive after extracting it.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Extract again and replace existing files that differ from the archive's (other files and folders in --dest are kept).")] = False,
 ) -> None:
     """Download and safely extract the official datasets (resumes an interrupted download)."""
     from pipeline import defaults
     from pipeline.preprocess import download as dl
 
-    dl.download(what, Path(dest) if dest else defaults.data_dir(), base_url=url, keep_archive=keep_archive)
+    dl.download(what, Path(dest) if dest else defaults.data_dir(), base_url=url, keep_archive=keep_archive, overwrite=overwrite)
 
 
 def register(app: typer.Typer) -> None:

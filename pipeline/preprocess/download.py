@@ -5,17 +5,27 @@
   ``$SR_PIPELINE_DOWNLOAD_URL`` replaces the base URL (a mirror, or a local server in tests);
   archive file names stay the same.
 * Downloads go to ``DEST/.downloads/<name>.part`` and resume with an HTTP Range request, both
-  after a dropped connection (retried automatically) and after a new invocation. The size is
-  checked against what the server announced before the ``.part`` is renamed.
+  after a dropped connection (retried automatically) and after a new invocation. The only
+  integrity check is the size: the ``.part`` is renamed once it holds exactly the byte count
+  the server announced (Content-Length, or the total of a Content-Range); the official sites
+  publish no checksums, and a server that announces no size is trusted at a clean end of
+  stream. A corrupt archive still fails at extraction, with one line.
 * Extraction never writes outside DEST: every member is checked before anything is written
-  (absolute paths, ``..``, links pointing outside, device files -> the whole archive is refused),
-  files are unpacked into a temporary folder inside DEST and moved into place at the end, and a
-  ``DEST/.downloads/<name>.done`` marker records completion so a rerun skips finished archives.
+  (absolute paths, ``..``, links pointing outside, device files, hard links to anything but an
+  earlier regular file -> the whole archive is refused), files are unpacked into a temporary
+  folder inside DEST, every symbolic link is then resolved on disk (a chain of links that
+  climbs out is refused too), and only then is the tree moved into place. No folder already in
+  DEST is ever deleted or replaced: the archive's tree is merged into it, so the user's own
+  files beside the archive's stay. An existing file that differs from the archive's is kept
+  (with a warning) unless ``--overwrite`` is given, which replaces such files (never folders).
+  A ``DEST/.downloads/<name>.done`` marker records completion so a rerun skips finished
+  archives (``--overwrite`` fetches and extracts them again).
 """
 
 from __future__ import annotations
 
 import contextlib
+import filecmp
 import http.client
 import json
 import os
@@ -66,7 +76,8 @@ def _open(url: str, offset: int):
 
 
 def fetch(url: str, part: Path, label: str) -> Path:
-    """Download `url` into `part` (resuming it), check the size, return the part path."""
+    """Download `url` into `part` (resuming it), return the part path once its size equals the
+    size the server announced (Content-Length or Content-Range: the only check available)."""
     if not re.match(r"^https?://", url):
         raise UserError(f"{url}: only http:// and https:// URLs are supported")
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -202,21 +213,57 @@ def _check_name(archive: Path, root: Path, name: str) -> str:
 
 
 def _plan_tar(archive: Path, root: Path, tf: tarfile.TarFile) -> list[tuple[tarfile.TarInfo, str]]:
+    """Check every member before anything is written. Link targets are only text here; where a
+    symbolic link really leads is checked on disk after extraction (see :func:`_check_symlinks`)."""
     plan = []
+    files: set[str] = set()  # regular files seen so far: the only valid hard-link targets
     for m in tf.getmembers():
         rel = _check_name(archive, root, m.name)
-        if m.issym() or m.islnk():
+        if m.issym():
             target = m.linkname
             if not target or os.path.isabs(target) or target.startswith("\\"):
                 raise _unsafe(archive, m.name, f"is a link to an absolute path ({target!r})")
-            base = os.path.dirname(rel) if m.issym() else ""
-            if not _inside(root, os.path.join(base, target)):
+            if not _inside(root, os.path.join(root, os.path.dirname(rel), target)):
                 raise _unsafe(archive, m.name, f"is a link pointing outside the destination ({target!r})")
+        elif m.islnk():
+            # A hard link names an earlier member. Only a regular file may be its source: a hard
+            # link "to" a symbolic link would copy whatever that link reaches, possibly outside.
+            if not m.linkname or os.path.isabs(m.linkname):
+                raise _unsafe(archive, m.name, f"is a link to an absolute path ({m.linkname!r})")
+            source = _check_name(archive, root, m.linkname)
+            if source not in files:
+                raise _unsafe(archive, m.name, f"is a hard link to {m.linkname!r}, which is not a regular file before it")
         elif not (m.isfile() or m.isdir()):
             raise _unsafe(archive, m.name, "is a device, FIFO or other special file")
+        if m.isfile():
+            files.add(rel)
         if rel:
             plan.append((m, rel))
+    _no_members_under_links(archive, plan)
     return plan
+
+
+def _no_members_under_links(archive: Path, plan: list[tuple[tarfile.TarInfo, str]]) -> None:
+    """Refuse members placed under a symbolic link member, and names given twice to a link.
+
+    Members are written before any link exists, so such a member would not go through the link
+    here; but the archive means it to (that is how an extractor following links is tricked
+    into writing outside), and creating the link over the folder it made would fail later with
+    a vague error. Refusing names the problem and leaves DEST untouched.
+    """
+    links = {rel for m, rel in plan if m.issym()}
+    if not links:
+        return
+    seen: set[str] = set()
+    for m, rel in plan:
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            prefix = "/".join(parts[:i])
+            if prefix in links:
+                raise _unsafe(archive, m.name, f"would be written through the symbolic link member {prefix!r}")
+        if rel in links and rel in seen:
+            raise _unsafe(archive, m.name, "names a symbolic link that another member also uses")
+        seen.add(rel)
 
 
 def _plan_zip(archive: Path, root: Path, zf: zipfile.ZipFile) -> list[tuple[zipfile.ZipInfo, str]]:
@@ -233,17 +280,165 @@ def _plan_zip(archive: Path, root: Path, zf: zipfile.ZipFile) -> list[tuple[zipf
     return plan
 
 
-def _no_links_on_path(root: Path, rel: str) -> None:
+def _no_links_on_path(archive: Path, root: Path, rel: str) -> None:
     """Refuse to write through a symlink that an earlier member created (defence in depth)."""
     cur = root
     for part in rel.split("/")[:-1]:
         cur = cur / part
         if cur.is_symlink():
-            raise UserError(f"refused to write {rel!r} through the symbolic link {cur}")
+            raise _unsafe(archive, rel, f"would be written through the symbolic link {cur.relative_to(root)}")
 
 
-def safe_extract(archive: Path, dest: Path) -> list[str]:
-    """Extract a zip or tar archive under `dest`; returns the top-level names it created."""
+def _check_symlinks(archive: Path, work: Path, links: list[str]) -> None:
+    """Every extracted symbolic link must resolve, on disk, to something that exists inside
+    `work`. Checking the target text is not enough: ``a -> d/l/../..`` looks inside, but if
+    ``d/l`` is itself a link to ``..`` the kernel climbs out (links are followed before ``..``
+    is applied). realpath follows the chain the same way; dangling links are refused too,
+    since whatever later appears under their target name would decide where they lead."""
+    for rel in links:
+        try:
+            real = os.path.realpath(work / rel, strict=True)
+        except OSError:
+            raise _unsafe(archive, rel, "is a symbolic link that leads nowhere (dangling or a loop)") from None
+        if not _inside(work, real):
+            raise _unsafe(archive, rel, "is a symbolic link that resolves outside the destination")
+
+
+def _extract_tar(archive: Path, work: Path, tf: tarfile.TarFile) -> None:
+    tplan = _plan_tar(archive, work, tf)
+    _check_space(archive, work.parent, sum(m.size for m, _ in tplan if m.isfile()))
+    hard, soft = [], []
+    with console.progress_bar(f"extract {archive.name}", total=len(tplan), unit="file") as bar:
+        for m, rel in tplan:
+            target = work / rel
+            _no_links_on_path(archive, work, rel)
+            if m.isdir():
+                target.mkdir(parents=True, exist_ok=True)
+            elif m.isfile():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                src = tf.extractfile(m)
+                assert src is not None
+                with src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            else:
+                (soft if m.issym() else hard).append((m, rel))  # after all files, so targets exist
+            bar.advance()
+    # Hard links first, while no symbolic link exists yet: each becomes a copy of a regular file
+    # extracted above. Then the symbolic links, never created through another one.
+    for m, rel in hard:
+        source = work / _check_name(archive, work, m.linkname)
+        _no_links_on_path(archive, work, rel)
+        if not stat.S_ISREG(os.lstat(source).st_mode):
+            raise _unsafe(archive, m.name, "is a hard link to something that is not a regular file")
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, work / rel, follow_symlinks=False)
+    for m, rel in soft:
+        _no_links_on_path(archive, work, rel)
+        (work / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(m.linkname, work / rel)
+    _check_symlinks(archive, work, [rel for _, rel in soft])
+
+
+def _extract_zip(archive: Path, work: Path, zf: zipfile.ZipFile) -> None:
+    zplan = _plan_zip(archive, work, zf)
+    _check_space(archive, work.parent, sum(m.file_size for m, _ in zplan))
+    with console.progress_bar(f"extract {archive.name}", total=len(zplan), unit="file") as bar:
+        for m, rel in zplan:
+            target = work / rel
+            _no_links_on_path(archive, work, rel)
+            if m.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+            bar.advance()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.is_symlink() or b.is_symlink():
+        return a.is_symlink() and b.is_symlink() and os.readlink(a) == os.readlink(b)
+    return filecmp.cmp(a, b, shallow=False)
+
+
+@dataclass
+class _MergePlan:
+    moves: list[tuple[Path, Path]]  # (extracted path, final path: new, or a file to replace)
+    kept: list[Path]  # existing files that differ from the archive's: left as they are
+    replaced: list[Path]  # existing files that differ, replaced (only with overwrite)
+
+
+def _plan_merge(archive: Path, work: Path, dest: Path, overwrite: bool = False) -> _MergePlan:
+    """How to bring the extracted tree into `dest` without deleting any folder.
+
+    Whole subtrees that are new are moved with one rename; folders that exist already are
+    merged into, so whatever else the user keeps in them stays. An existing file equal to the
+    archive's is left alone; a differing one is kept (the user's data wins) and reported, or
+    with `overwrite` replaced by a rename (a symbolic link is replaced itself, never written
+    through). Nothing is extracted through a symbolic link in `dest`, and a clash of kinds (a
+    file where the archive has a folder, or the reverse) refuses the whole archive before
+    anything moves.
+    """
+    plan = _MergePlan([], [], [])
+
+    def walk(src: Path, dst: Path) -> None:
+        for entry in sorted(src.iterdir()):
+            final = dst / entry.name
+            if not os.path.lexists(final):
+                plan.moves.append((entry, final))
+            elif entry.is_dir() and not entry.is_symlink():
+                if final.is_symlink():
+                    raise UserError(
+                        f"{final}: is a symbolic link; refusing to extract {archive.name} through it "
+                        "(move it away or choose another --dest); nothing was extracted"
+                    )
+                if not final.is_dir():
+                    raise UserError(
+                        f"{final}: exists and is not a folder, but {archive.name} has a folder there "
+                        "(move it away and rerun); nothing was extracted"
+                    )
+                walk(entry, final)
+            elif final.is_dir() and not final.is_symlink():
+                raise UserError(
+                    f"{final}: is a folder, but {archive.name} has a file there "
+                    "(move it away and rerun); nothing was extracted"
+                )
+            elif _same_file(entry, final):
+                continue
+            elif overwrite:
+                plan.replaced.append(final)
+                plan.moves.append((entry, final))
+            else:
+                plan.kept.append(final)
+
+    walk(work, dest)
+    return plan
+
+
+def safe_extract(archive: Path, dest: Path, overwrite: bool = False) -> list[str]:
+    """Extract a zip or tar archive under `dest`; returns its top-level names.
+
+    Existing folders in `dest` are never deleted or replaced: the archive's tree is merged into
+    them (see :func:`_plan_merge`). Existing files that differ from the archive's are kept with
+    a warning, or replaced when `overwrite` is set.
+    """
+    top, kept, _ = extract(archive, dest, overwrite)
+    if kept:
+        console.warn(_kept_message(archive, kept, "extract again with overwrite=True"))
+    return top
+
+
+def _kept_message(archive: Path, kept: list[Path], how: str) -> str:
+    more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
+    return (
+        f"kept {len(kept)} existing file(s) that differ from the ones in {archive.name}: {kept[0]}{more} "
+        f"(to replace them with the archive's versions, {how})"
+    )
+
+
+def extract(archive: Path, dest: Path, overwrite: bool = False) -> tuple[list[str], list[Path], list[Path]]:
+    """(top-level names, existing files kept because they differ, existing files replaced):
+    :func:`safe_extract`'s work."""
     dest.mkdir(parents=True, exist_ok=True)
     work = Path(dest, f".extract-{archive.name}.tmp").resolve()
     if work.exists():
@@ -252,65 +447,22 @@ def safe_extract(archive: Path, dest: Path) -> list[str]:
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                zplan = _plan_zip(archive, work, zf)
-                _check_space(archive, dest, sum(m.file_size for m, _ in zplan))
-                with console.progress_bar(f"extract {archive.name}", total=len(zplan), unit="file") as bar:
-                    for m, rel in zplan:
-                        target = work / rel
-                        _no_links_on_path(work, rel)
-                        if m.is_dir():
-                            target.mkdir(parents=True, exist_ok=True)
-                        else:
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            with zf.open(m) as src, open(target, "wb") as dst:
-                                shutil.copyfileobj(src, dst, CHUNK)
-                        bar.advance()
+                _extract_zip(archive, work, zf)
         else:
             try:
                 tf = tarfile.open(archive)  # noqa: SIM115 - closed below
             except tarfile.TarError:
                 raise UserError(f"{archive}: not a zip or tar archive (corrupt download?)") from None
             with tf:
-                tplan = _plan_tar(archive, work, tf)
-                _check_space(archive, dest, sum(m.size for m, _ in tplan if m.isfile()))
-                links = []
-                with console.progress_bar(f"extract {archive.name}", total=len(tplan), unit="file") as bar:
-                    for m, rel in tplan:
-                        target = work / rel
-                        _no_links_on_path(work, rel)
-                        if m.isdir():
-                            target.mkdir(parents=True, exist_ok=True)
-                        elif m.isfile():
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            src = tf.extractfile(m)
-                            assert src is not None
-                            with src, open(target, "wb") as dst:
-                                shutil.copyfileobj(src, dst, CHUNK)
-                        else:
-                            links.append((m, rel))  # after all files, so targets exist
-                        bar.advance()
-                for m, rel in links:
-                    target = work / rel
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    if m.issym():
-                        os.symlink(m.linkname, target)
-                    else:  # hard link: a copy of the (already extracted, inside) file
-                        source = work / _check_name(archive, work, m.linkname)
-                        if not source.is_file():
-                            raise _unsafe(archive, m.name, "is a hard link to a missing file")
-                        shutil.copyfile(source, target)
+                _extract_tar(archive, work, tf)
         top = sorted(p.name for p in work.iterdir())
         for name in top:
             if name == ".downloads" or name.startswith(".extract-"):
                 raise _unsafe(archive, name, "would overwrite sr-pipeline's own download state")
-        for name in top:
-            final = dest / name
-            if final.is_symlink() or final.is_file():
-                final.unlink()
-            elif final.exists():
-                shutil.rmtree(final)
-            os.replace(work / name, final)
-        return top
+        plan = _plan_merge(archive, work, work.parent, overwrite)
+        for src, final in plan.moves:
+            os.replace(src, final)
+        return top, plan.kept, plan.replaced
     except (tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{archive}: corrupt archive ({exc})") from None
     except OSError as exc:
@@ -341,8 +493,13 @@ def sources(what: str, base_url: str | None = None) -> list[tuple[str, str]]:
     return [(name, base + name) for name in names]
 
 
-def download(what: str, dest: Path, base_url: str | None = None, keep_archive: bool = False) -> list[Path]:
-    """Fetch and extract every archive of `what` into `dest`; returns the extracted folders."""
+def download(
+    what: str, dest: Path, base_url: str | None = None, keep_archive: bool = False, overwrite: bool = False
+) -> list[Path]:
+    """Fetch and extract every archive of `what` into `dest`; returns the extracted folders.
+
+    `overwrite` extracts again even when a marker says an archive is done, and replaces
+    existing files that differ from the archive's (folders are still only merged into)."""
     dest = Path(dest)
     try:
         dest.mkdir(parents=True, exist_ok=True)
@@ -353,7 +510,7 @@ def download(what: str, dest: Path, base_url: str | None = None, keep_archive: b
     created: list[Path] = []
     for name, url in sources(what, base_url):
         marker = cache / f"{name}.done"
-        if marker.is_file():
+        if marker.is_file() and not overwrite:
             with contextlib.suppress(ValueError, OSError):
                 done = json.loads(marker.read_text())
                 console.info(f"{name}: already downloaded and extracted ({', '.join(done.get('extracted', []))})")
@@ -364,8 +521,12 @@ def download(what: str, dest: Path, base_url: str | None = None, keep_archive: b
             part = fetch(url, cache / f"{name}.part", name)
             os.replace(part, archive)
         size = archive.stat().st_size
-        top = safe_extract(archive, dest)
+        top, kept, replaced = extract(archive, dest, overwrite)
         atomic_write_bytes(marker, json.dumps({"url": url, "bytes": size, "extracted": top}).encode())
+        if kept:
+            console.warn(_kept_message(archive, kept, "rerun with --overwrite"))
+        if replaced:
+            console.info(f"{name}: replaced {len(replaced)} existing file(s) with the archive's versions")
         if not keep_archive:
             archive.unlink()
         console.info(f"{name}: {size / 1e6:.1f} MB, extracted {', '.join(top)} into {dest}")

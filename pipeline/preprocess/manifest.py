@@ -4,6 +4,17 @@ The manifest is written last and atomically, so its presence means every shard i
 complete when it was written; readers get per-shard sample counts without opening any tar.
 :func:`read_manifest` validates the structure (and that shard names cannot point outside the
 directory) so a hand-edited or truncated file fails with one line instead of deep in a loader.
+
+Structure (``format_version`` 1)::
+
+    format            "sr-pipeline/shards"
+    format_version    1
+    dataset, created, package_version    strings
+    params            what shaped the samples (scales, crop, step, shard_samples, ...)
+    inputs            where the images came from (folders, holdout)
+    splits            {"train": S, "valid": S}, S = {images, samples, shards: [
+                          {name "div2k-<split>-NNNNNN.tar", samples, bytes, sha256}]}
+    skipped           [{file, error}] images left out (with --skip-bad, or too small)
 """
 
 from __future__ import annotations
@@ -35,7 +46,7 @@ def _fail(path: Path, problem: str) -> UserError:
 
 
 def validate_manifest(data: Any, path: Path) -> dict[str, Any]:
-    """Check the structure described in notes/contracts.md; return the data unchanged."""
+    """Check the structure described in the module docstring; return the data unchanged."""
     if not isinstance(data, dict):
         raise _fail(path, "not a shard manifest (expected a JSON object)")
     if data.get("format") != FORMAT:

@@ -20,7 +20,9 @@ regenerates journaled shards that are missing or damaged from their recorded pos
 continues the stream after the last journaled shard. Output is byte-identical to an
 uninterrupted run because sample bytes and tar headers are deterministic. ``manifest.json`` is
 written last, atomically; it is removed before the first shard of a changed dataset is written,
-so a manifest never describes shards that are not there.
+so a manifest never describes shards that are not there. Because of that, a finished dataset
+made with other settings (parameters, input folders, holdout) is only replaced when asked to
+(``--force``): an interrupted replacement would leave neither dataset.
 """
 
 from __future__ import annotations
@@ -413,7 +415,7 @@ def _build_manifest(run: _Run) -> dict[str, Any]:
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
         "params": {**run.params.as_dict(), "shard_samples": run.cfg.shard_samples},
-        "inputs": run.inputs.roots,
+        "inputs": _inputs_record(run.inputs, run.cfg),
         "splits": splits,
         "skipped": skipped,
     }
@@ -430,8 +432,58 @@ def _remove_stale(out: Path, manifest: dict[str, Any]) -> int:
     return removed
 
 
-def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
-    """Run (or resume) preprocessing; returns the manifest written to ``cfg.out``."""
+def _inputs_record(inputs: Inputs, cfg: PreprocessConfig) -> dict[str, Any]:
+    """The manifest's ``inputs``: the folders, and the holdout that split them."""
+    record: dict[str, Any] = dict(inputs.roots)
+    if cfg.holdout:
+        record["holdout"] = cfg.holdout
+    return record
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(str(v) for v in value)
+    return str(value)
+
+
+def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """How this run's settings differ from those of the finished dataset in `out` ([] when
+    there is none, or it was made with the same settings)."""
+    try:
+        old = mf.read_manifest(out)
+    except UserError:  # nothing finished here (or an unreadable manifest, replaced anyway)
+        return []
+    new = json.loads(json.dumps({"params": params, "inputs": inputs}))  # lists, as stored
+    changes = []
+    for section in ("params", "inputs"):
+        before = old.get(section) if isinstance(old.get(section), dict) else {}
+        after = new[section]
+        for key in sorted(set(before) | set(after)):
+            if before.get(key) != after.get(key):
+                changes.append(f"{key} {_show(before.get(key))} -> {_show(after.get(key))}")
+    return changes
+
+
+def _complete_shards(out: Path, journal: Journal) -> int:
+    """Journaled shards still on disk at their recorded size: what a rerun will keep."""
+    count = 0
+    for split in mf.SPLITS:
+        for rec in journal.shards[split].values():
+            with contextlib.suppress(OSError):
+                count += (out / rec["name"]).stat().st_size == rec["bytes"]
+    return count
+
+
+def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]:
+    """Run (or resume) preprocessing; returns the manifest written to ``cfg.out``.
+
+    A finished dataset in ``cfg.out`` made with other settings is only replaced with
+    ``force``: replacing starts by removing its manifest, so an interruption would otherwise
+    leave neither the old dataset nor the new one. Ctrl-C (or SIGTERM) says how many complete
+    shards are kept, then propagates as KeyboardInterrupt.
+    """
     if not cfg.out:
         raise UserError("--out is required: the folder that receives the shards and manifest.json")
     inputs = discover(cfg)
@@ -443,14 +495,38 @@ def run_preprocess(cfg: PreprocessConfig) -> dict[str, Any]:
     _check_writable(out)
     params = SampleParams(tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level)
     fp = fingerprint(inputs, {**params.as_dict(), "shard_samples": cfg.shard_samples}, __version__)
+    journal = Journal(out, fp)
+    try:
+        return _run_locked(cfg, force, out, inputs, params, journal)
+    except KeyboardInterrupt:
+        console.info(
+            f"interrupted: {_complete_shards(out, journal)} complete shard(s) kept in {out}; "
+            "rerun the same command to resume"
+        )
+        raise
+
+
+def _run_locked(
+    cfg: PreprocessConfig, force: bool, out: Path, inputs: Inputs, params: SampleParams, journal: Journal
+) -> dict[str, Any]:
     jobs = resolve_jobs(cfg.jobs)
     t0 = time.monotonic()
     with _locked(out), _sigterm_as_interrupt():
+        resumed = journal.load()
+        if not resumed:
+            changes = settings_changes(
+                out, {**params.as_dict(), "shard_samples": cfg.shard_samples}, _inputs_record(inputs, cfg)
+            )
+            if changes and not force:
+                raise UserError(
+                    f"{out}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
+                    "rerun with --force to replace it, or choose another --out"
+                )
+            if journal.path.exists():
+                console.info(f"{out}: starting over (the earlier run there used other settings or input files)")
         for p in out.iterdir():  # temp files of a killed run
             if p.name.startswith(".div2k-") and p.name.endswith(".tar.tmp"):
                 p.unlink()
-        journal = Journal(out, fp)
-        resumed = journal.load()
         old_manifest = None
         if resumed:
             with contextlib.suppress(UserError):

@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from dataclasses import dataclass, field
-from functools import reduce
 from pathlib import Path
 
 import numpy as np
@@ -67,10 +65,6 @@ class ImageResult:
     skipped: str | None = None  # a usable file we deliberately skip (too small)
 
 
-def lcm(values: list[int] | tuple[int, ...]) -> int:
-    return reduce(lambda a, b: a * b // math.gcd(a, b), values, 1)
-
-
 def key_stems(sources: list[str]) -> list[str]:
     """Key-safe stems for file names: ``[A-Za-z0-9_-]`` only (WebDataset splits keys at the
     first dot), at most 60 characters, and unique (collisions get a short hash of the name).
@@ -121,6 +115,14 @@ def sample_boxes(h: int, w: int, split: str, crop: int, step: int) -> list[tuple
 
 
 def sample_json(key: str, task: ImageTask, box, source_size, scales) -> bytes:
+    """The sample's ``.json`` member.
+
+    ``box`` is ``[top, left, height, width]`` of the HR crop in the source image AFTER its
+    top-left crop to a multiple of 12 (:func:`modcrop`), and ``source_size`` is
+    ``[height, width]`` of that modcropped image, not of the file (which may be up to 11 px
+    taller and wider): it is the frame ``box`` lives in. ``lr_sizes`` maps each scale to
+    ``[height, width]`` of that LR member.
+    """
     top, left, bh, bw = box
     meta = {
         "key": key,
