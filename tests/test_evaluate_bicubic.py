@@ -10,7 +10,8 @@ from helpers import run_cli
 
 from pipeline.evaluate import metrics
 from pipeline.evaluate.benchmarks import load_sample, resolve_benchmarks
-from pipeline.evaluate.runner import run_benchmarks
+from pipeline.evaluate.report import format_seconds, render_table
+from pipeline.evaluate.runner import Summary, run_benchmarks
 from pipeline.evaluate.upscalers import BicubicUpscaler
 from pipeline.preprocess import imresize
 
@@ -81,6 +82,13 @@ def test_cli_bicubic_json_and_files(shared_data, tmp_path):
     assert set(table[0]) >= {"benchmark", "scale", "psnr", "ssim", "images", "seconds"}
     assert abs(table[0]["psnr"] - 28.42) <= 0.02 and abs(table[0]["ssim"] - 0.8104) <= 0.002
     assert "Set5" in proc.stdout and "28.429" in proc.stdout
+    # the seconds column says something even for a method this fast (not "0.0"); JSON numeric
+    head, _, row = proc.stdout.splitlines()[:3]
+    cells = dict(zip(head.split()[-3:], row.split()[-3:], strict=True))
+    assert set(cells) == {"images", "seconds", "ms/img"}
+    assert float(cells["seconds"]) > 0 and float(cells["ms/img"]) > 0
+    assert len(cells["seconds"].replace(".", "").lstrip("0")) >= 3  # 3 significant digits
+    assert isinstance(table[0]["seconds"], float) and table[0]["seconds"] > 0
     assert "Set5 x4: 5 img in" in proc.stderr  # the progress bar's quiet-mode summary line
     lines = (out / "per_image.csv").read_text().splitlines()
     assert lines[0].startswith("benchmark,scale,image,repeat,psnr,ssim")
@@ -100,3 +108,20 @@ def test_cli_bicubic_json_and_files(shared_data, tmp_path):
         "head_x4.png",
         "woman_x4.png",
     ]
+
+
+def test_table_seconds_keep_three_significant_digits():
+    values = (0.00871234, 0.0612345, 0.2, 1.234, 12.34, 123.4, 5000.0, 0.0)
+    assert [format_seconds(v) for v in values] == [
+        "0.00871", "0.0612", "0.200", "1.23", "12.3", "123", "5000", "0",
+    ]  # fmt: skip
+    # rounding that carries into the next decade keeps three digits; tiny values stay non-zero
+    assert [format_seconds(v) for v in (9.996, 99.96, 0.0009996, 0.0000012, float("nan"))] == [
+        "10.0", "100", "0.00100", "0.000001", "-",
+    ]  # fmt: skip
+    fast = Summary("Set5", 4, 28.4291, 0.81045, images=5, seconds=0.0612)
+    slow = Summary("Set14", 4, 26.0, 0.7, images=14, seconds=3.5, repeats=2, psnr_std=0.01)
+    lines = render_table([fast, slow], "DNLAN").splitlines()
+    assert lines[0].split()[-3:] == ["images", "seconds", "ms/img"]
+    assert lines[2].split()[-3:] == ["5", "0.0612", "12.2"]
+    assert lines[3].split()[-3:] == ["14", "3.50", "125"]  # 3.5 s over 14 images x 2 repeats

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -140,3 +141,86 @@ def test_run_id_errors(mlflow_server, mini_bench, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: MLflow tracking server {dead} is not reachable: [Errno 111] Connection refused"
     ]
+
+
+def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def test_repeated_evaluations_get_their_own_steps(mlflow_server, mini_bench, tmp_path):
+    """The trained step when the checkpoint records it, else 0; the next free step when taken."""
+    import torch
+
+    from pipeline.model import build_model, export_state_dict, save_checkpoint
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 2)
+    best = save_checkpoint(tmp_path / "best" / "model.pt", model, step=120, epoch=3)
+    official = export_state_dict(tmp_path / "official.pt", model)
+    client = MlflowClient(mlflow_server.uri)
+    exp = client.get_experiment_by_name("steps-test")
+    exp_id = exp.experiment_id if exp else client.create_experiment("steps-test")
+    rid = client.create_run(exp_id, run_name="train-steps").info.run_id
+    client.log_metric(rid, "val/psnr", 20.0, step=120)
+    client.log_artifact(rid, str(best), "best_model")
+
+    # output folder names MLflow would refuse as part of a key (the parentheses): made key-safe
+    outs = (tmp_path / f"out{i} (v2)" for i in itertools.count())
+
+    def run(**kw):
+        cfg = load_config(EvalConfig, overrides={
+            "run_id": rid, "tracking_uri": mlflow_server.uri, "benchmarks": [str(mini_bench)],
+            "max_images": 1, "figure_images": 0, "out": str(next(outs)), **kw,
+        })  # fmt: skip
+        return evaluate(cfg)
+
+    first = run()  # the run's best model, trained to step 120
+    second = run()  # the same weights again
+    plain = run(checkpoint=str(official))  # an official file: no step recorded -> 0 (free)
+    again = run(checkpoint=str(official))  # 0 is taken now -> next free
+    psnr = first.outcome.summaries[0].psnr
+    assert [r.outcome.summaries[0].psnr for r in (second, plain, again)] == [psnr] * 3
+    for key in ("eval/Mini/x2/psnr", "eval/Mini/x2/ssim"):
+        assert [s for s, _ in _history(client, rid, key)] == [0, 120, 121, 122], key
+    tags = client.get_run(rid).data.tags
+    assert [tags[f"eval.out{i} _v2_.step"] for i in range(4)] == ["120", "121", "0", "122"]
+    assert tags["eval.out3 _v2_.method"] == "dnlan"
+    arts = {a.path for a in client.list_artifacts(rid, "evaluation/out0 _v2_")}
+    assert "evaluation/out0 _v2_/summary.json" in arts
+    assert _history(client, rid, "val/psnr") == [(120, 20.0)]  # the training history untouched
+    # a new evaluation run of a checkpoint that records its step is logged at that step
+    cfg = load_config(EvalConfig, overrides={
+        "checkpoint": str(best), "tracking_uri": mlflow_server.uri, "experiment": "steps-new",
+        "benchmarks": [str(mini_bench)], "max_images": 1, "figure_images": 0,
+        "out": str(tmp_path / "new"),
+    })  # fmt: skip
+    new = evaluate(cfg)
+    assert _history(client, new.run_id, "eval/Mini/x2/psnr") == [(120, psnr)]
+    assert client.get_run(new.run_id).data.tags["eval.step"] == "120"
+
+
+def test_unknown_run_id_fails_before_evaluating(mlflow_server, mini_bench, tiny_checkpoints,
+                                                tmp_path):  # fmt: skip
+    out = tmp_path / "out"
+    missing = "fedcba9876543210fedcba9876543210"
+    proc = run_cli("evaluate", "--checkpoint", str(tiny_checkpoints.ours_x2), "--run-id", missing,
+                   "--benchmarks", str(mini_bench), "--tracking-uri", mlflow_server.uri,
+                   "--out", str(out))  # fmt: skip
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: MLflow run '{missing}' not found")
+    assert not out.exists()  # nothing was evaluated
+
+
+def test_key_part_keeps_valid_names_and_makes_others_safe():
+    from mlflow.utils.validation import validate_param_and_metric_name
+
+    from pipeline.evaluate.mlflow_log import key_part
+
+    assert [key_part(n) for n in ("Set5", "B100", "my-set_2.v1", "out 3")] == [
+        "Set5", "B100", "my-set_2.v1", "out 3"
+    ]  # fmt: skip
+    assert key_part("res (1)/x:y") == "res _1__x_y"
+    assert key_part("..") == "_"
+    for name in ("res (1)", "a+b=c", "日本"):
+        assert validate_param_and_metric_name(f"eval/{key_part(name)}/x2/psnr")

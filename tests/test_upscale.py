@@ -143,3 +143,82 @@ def test_bad_inputs_are_one_line(tmp_path, user_images):
         proc = run_cli("upscale", *args, "--out", str(tmp_path / "o"))
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(start), proc.stderr
+
+
+def test_existing_outputs_are_refused_unless_overwrite(user_images, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    # a file the user keeps in --out that happens to carry an output's name
+    (out / "photo_x2.png").write_bytes((user_images / "photo.png").read_bytes())
+    before = _digest(out)
+    args = [str(user_images / "grey.png"), str(user_images / "photo.png"), "--model", "bicubic",
+            "--scale", "2", "--out", str(out)]  # fmt: skip
+    proc = run_cli("upscale", *args)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {out / 'photo_x2.png'}: already exists; pass --overwrite to replace it, or "
+        "choose another --out"
+    ]
+    assert _digest(out) == before  # checked before anything is written: grey_x2.png neither
+    proc = run_cli("upscale", *args, "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "photo_x2.png") as im, Image.open(user_images / "photo.png") as src:
+        assert im.size == (74, 46)
+        np.testing.assert_array_equal(np.asarray(im), imresize(np.asarray(src), scale=2))
+    assert sorted(p.name for p in out.iterdir()) == ["grey_x2.png", "photo_x2.png"]
+
+
+def test_overwrite_never_replaces_an_input(user_images):
+    (user_images / "photo_x2.png").write_bytes((user_images / "photo.png").read_bytes())
+    before = _digest(user_images)
+    proc = run_cli("upscale", str(user_images), "--model", "bicubic", "--scale", "2",
+                   "--out", str(user_images), "--overwrite")  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {user_images / 'photo_x2.png'}: refusing to overwrite an input image; choose another --out"
+    ]
+    assert _digest(user_images) == before
+
+
+def test_sixteen_bit_and_bilevel_grey_come_back_grey(tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    ramp = np.add.outer(np.arange(21) * 3000, np.arange(33) * 40).astype(np.uint16)
+    Image.fromarray(ramp).save(d / "deep.png")  # 16-bit greyscale PNG
+    Image.fromarray(ramp > 30000).save(d / "bw.png")  # 1-bit
+    with Image.open(d / "deep.png") as im:
+        assert im.mode.startswith("I")  # a 16-bit mode, not "L"
+    out = tmp_path / "out"
+    proc = run_cli("upscale", str(d), "--model", "bicubic", "--scale", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    with Image.open(out / "deep_x2.png") as im:
+        assert (im.mode, im.size) == ("L", (66, 42))
+        eight = np.clip(np.round(ramp * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        np.testing.assert_array_equal(np.asarray(im), imresize(eight, scale=2))
+    with Image.open(out / "bw_x2.png") as im:
+        assert (im.mode, im.size) == ("L", (66, 42))
+
+
+def test_output_paths_checks_without_writing(tmp_path, user_images):
+    from pipeline.console import UserError
+    from pipeline.evaluate.upscale import output_paths
+
+    photo = user_images / "photo.png"
+    as_file = tmp_path / "not_a_folder"
+    as_file.write_bytes(b"x")
+    with pytest.raises(UserError) as err:
+        output_paths([photo], as_file, 2)
+    assert str(err.value) == f"{as_file}: --out is a file, not a folder; choose another --out"
+    out = tmp_path / "out"
+    assert output_paths([photo], out, 2) == [out / "photo_x2.png"]
+    assert not out.exists()  # checking creates nothing
+    out.mkdir()
+    (out / "photo_x2.png").mkdir()  # a folder can never be replaced, even with --overwrite
+    with pytest.raises(UserError, match=r"photo_x2.png: a folder has the output's name"):
+        output_paths([photo], out, 2, overwrite=True)
+    (out / "photo_x2.png").rmdir()
+    (out / "photo_x2.png").write_bytes(b"old")
+    with pytest.raises(UserError, match=r"photo_x2.png: already exists; pass --overwrite"):
+        output_paths([photo], out, 2)
+    assert output_paths([photo], out, 2, overwrite=True) == [out / "photo_x2.png"]
+    assert (out / "photo_x2.png").read_bytes() == b"old"

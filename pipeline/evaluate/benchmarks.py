@@ -5,6 +5,10 @@ public ``benchmark.tar`` ships MATLAB-made LR images (``LR_bicubic/X{s}/<stem>x{
 they are absent we make LR with our MATLAB-exact ``imresize`` from HR cropped to a multiple of
 the scale, which reproduces them bit for bit. A shipped LR whose size is not HR/scale means the
 files do not belong together, and is refused rather than silently cropped into a wrong number.
+
+:func:`check_files` applies those rules to every file of a run from the image headers alone,
+before the first image is evaluated, so a bad file fails the run in seconds rather than hours
+into a paper-size model's evaluation.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.console import UserError
-from pipeline.evaluate.metrics import crop_to_multiple, match_sizes, rgb_to_gray
+from pipeline.evaluate.metrics import SSIM_WINDOW, crop_to_multiple, match_sizes, rgb_to_gray
 from pipeline.imageio import list_images, read_image
 
 # Canonical names (the SNU archive's exact spelling) and accepted aliases.
@@ -123,6 +127,66 @@ def resolve_benchmarks(names: list[str], data_dir: str | Path | None) -> list[Be
     return out
 
 
+def benchmark_files(bench: Benchmark, max_images: int = 0) -> list[Path]:
+    """The HR files a run evaluates: all of them, or the first ``max_images`` (0 = all)."""
+    files = bench.images()
+    return files[:max_images] if max_images else files
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """``(width, height)`` from the file header; the pixels are not decoded (fast for any size)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except FileNotFoundError:
+        raise UserError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise UserError(f"{path}: not an image file (or an unsupported format)") from None
+    except Image.DecompressionBombError as exc:
+        raise UserError(f"{path}: refused, image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise UserError(f"{path}: corrupt image header ({' '.join(str(exc).split())})") from None
+
+
+def min_hr_side(scale: int) -> int:
+    """Smallest HR side (after cropping to a multiple of ``scale``) the protocol can score:
+    ``scale`` px shaved from both borders must leave room for one SSIM window."""
+    return 2 * scale + SSIM_WINDOW
+
+
+def _lr_size_error(
+    lr_path: Path, lr_wh: tuple[int, int], hr_path: Path, hr_wh: tuple[int, int], scale: int
+) -> UserError | None:
+    want = (hr_wh[0] // scale, hr_wh[1] // scale)
+    if lr_wh == want:
+        return None
+    return UserError(
+        f"{lr_path}: LR is {lr_wh[0]}x{lr_wh[1]} but {hr_path.name} is "
+        f"{hr_wh[0]}x{hr_wh[1]}; expected {want[0]}x{want[1]} (HR / {scale})"
+    )
+
+
+def check_files(bench: Benchmark, hr_path: Path, scales: list[int]) -> None:
+    """One HR file and its shipped LR files for ``scales``, from the headers: present, readable,
+    sizes that belong together, large enough to score. Raises the first problem as one line."""
+    hr_wh = image_size(hr_path)
+    for scale in scales:
+        used = (hr_wh[0] // scale * scale, hr_wh[1] // scale * scale)
+        if min(used) < min_hr_side(scale):
+            raise UserError(
+                f"{hr_path}: image is {hr_wh[0]}x{hr_wh[1]}, too small to score at x{scale} "
+                f"(needs at least {min_hr_side(scale)} px per side: {scale} px shaved from "
+                f"each border plus the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window)"
+            )
+        lp = lr_file(bench, hr_path, scale)
+        if lp is not None:
+            err = _lr_size_error(lp, image_size(lp), hr_path, hr_wh, scale)
+            if err is not None:
+                raise err
+
+
 def lr_file(bench: Benchmark, hr_path: Path, scale: int) -> Path | None:
     """Shipped LR for ``hr_path`` (``<stem>x{s}<ext>``), None when LR must be generated.
 
@@ -144,7 +208,9 @@ Resize = Callable[..., np.ndarray]
 def load_sample(bench: Benchmark, hr_path: Path, scale: int, resize: Resize) -> Sample:
     """Read HR (grey kept as grey), read or generate LR, crop HR to ``scale`` x LR size.
 
-    ``resize`` is ``pipeline.preprocess.imresize`` (passed in so this module stays pure).
+    ``resize`` is ``pipeline.preprocess.imresize`` (passed in, so this module does not import
+    the preprocess stage). Pixels are decoded here, so a file whose header passed
+    :func:`check_files` but whose data is truncated fails here, naming the file.
     """
     hr, _ = read_image(hr_path, keep_gray=True)
     lp = lr_file(bench, hr_path, scale)
@@ -159,10 +225,7 @@ def load_sample(bench: Benchmark, hr_path: Path, scale: int, resize: Resize) -> 
         lr = np.clip(np.round(rgb_to_gray(lr)), 0, 255).astype(np.uint8)
     if hr.ndim == 3 and lr.ndim == 2:
         lr = np.repeat(lr[:, :, None], 3, axis=2)
-    want = (hr.shape[0] // scale, hr.shape[1] // scale)
-    if lr.shape[:2] != want:
-        raise UserError(
-            f"{lp}: LR is {lr.shape[1]}x{lr.shape[0]} but {hr_path.name} is "
-            f"{hr.shape[1]}x{hr.shape[0]}; expected {want[1]}x{want[0]} (HR / {scale})"
-        )
+    err = _lr_size_error(lp, (lr.shape[1], lr.shape[0]), hr_path, (hr.shape[1], hr.shape[0]), scale)
+    if err is not None:
+        raise err
     return Sample(hr_path.stem, match_sizes(hr, lr.shape, scale), lr, hr_path, lp)

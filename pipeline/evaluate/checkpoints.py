@@ -1,8 +1,9 @@
 """Finding and loading the network to evaluate: a file, a Ray checkpoint folder, an MLflow run.
 
-Why a module of its own: the three sources a user may point at (our checkpoint file or the
-reference's plain state_dict; a Ray Train checkpoint directory with ``model.pt``; an MLflow run
-whose artifacts hold ``best_model/model.pt``) must all end in the same strict, pickle-safe
+Why a module of its own: the sources a user may point at (our checkpoint file or the
+reference's plain state_dict; a Ray Train checkpoint directory with ``model.pt``; a training
+run folder with ``best_model/model.pt``; an MLflow run whose artifacts hold
+``best_model/model.pt``) must all end in the same strict, pickle-safe
 loader (:func:`pipeline.model.load_checkpoint`), with one-line errors that name the file.
 """
 
@@ -24,7 +25,8 @@ RUN_ARTIFACT = "best_model/model.pt"
 
 
 def checkpoint_file(path: str | Path) -> Path:
-    """The weights file behind ``path``: the file itself, or ``model.pt`` in a Ray checkpoint."""
+    """The weights file behind ``path``: the file itself, ``model.pt`` in a Ray checkpoint
+    folder, or ``best_model/model.pt`` in a training run folder."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"{p}: checkpoint not found")
@@ -46,22 +48,29 @@ def checkpoint_file(path: str | Path) -> Path:
     return p
 
 
-def download_run_model(run_id: str, tracking_uri: str, dst: Path) -> Path:
-    """Fetch ``best_model/model.pt`` of an MLflow run into ``dst``."""
+def require_run(run_id: str, tracking_uri: str) -> Any:
+    """The MLflow run ``run_id`` (an ``mlflow.entities.Run``), or a one-line error."""
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
     from pipeline.tracking import check_reachable, redact_uri
 
     check_reachable(tracking_uri)
-    client = MlflowClient(tracking_uri=tracking_uri)
-    where = redact_uri(tracking_uri)
     try:
-        client.get_run(run_id)
+        return MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
     except MlflowException as exc:
         raise UserError(
-            f"MLflow run {run_id!r} not found at {where} ({_first_line(exc)})"
+            f"MLflow run {run_id!r} not found at {redact_uri(tracking_uri)} ({_first_line(exc)})"
         ) from None
+
+
+def download_run_model(run_id: str, tracking_uri: str, dst: Path) -> Path:
+    """Fetch ``best_model/model.pt`` of an MLflow run into ``dst``."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    require_run(run_id, tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri)
     try:
         names = {a.path for a in client.list_artifacts(run_id, "best_model")}
     except MlflowException as exc:
@@ -130,16 +139,25 @@ def load_model(path: Path, cfg: EvalConfig, scale: int | None) -> tuple[Any, str
     return model.eval(), desc
 
 
-def model_scale(path: Path) -> int | None:
-    """The scale recorded in our checkpoint, or inferred from an official one's upsampler."""
+@dataclasses.dataclass(frozen=True)
+class CheckpointFacts:
+    scale: int
+    step: int | None  # training step of the weights (None: official file or not recorded)
+
+
+def checkpoint_facts(path: Path) -> CheckpointFacts:
+    """The scale recorded in our checkpoint (or inferred from an official one's upsampler), and
+    the training step our trainer records, which places an evaluation on the run's step axis."""
     from pipeline.model import read_checkpoint
     from pipeline.model.checkpoint import infer_architecture
 
     with _no_pickle_protocol_warning():
         ckpt = read_checkpoint(path)
+    step = ckpt.get("step")
+    step = int(step) if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
     if "scale" in ckpt:
-        return int(ckpt["scale"])
+        return CheckpointFacts(int(ckpt["scale"]), step)
     try:
-        return int(infer_architecture(ckpt["state_dict"])["scale"])
+        return CheckpointFacts(int(infer_architecture(ckpt["state_dict"])["scale"]), step)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None

@@ -46,7 +46,7 @@ def evaluate_cmd(
         Opt[str],
         typer.Option(
             "--run-id",
-            help="MLflow run whose best_model/model.pt to evaluate; results are attached to that run.",
+            help="MLflow run whose best_model/model.pt to evaluate (with --checkpoint: that file instead); results are logged to that run unless --no-mlflow.",
         ),
     ] = None,  # noqa: E501
     model: Annotated[
@@ -205,7 +205,11 @@ def upscale_cmd(
         list[str], typer.Argument(help="Image files and/or folders of images.", show_default=False)
     ],
     out: Annotated[
-        str, typer.Option(help="Output folder (created); files are named <stem>_x<scale>.png.")
+        str,
+        typer.Option(
+            help="Output folder (created); files are named <stem>_x<scale>.png. Existing files "
+            "are refused unless --overwrite."
+        ),
     ],
     checkpoint: Annotated[
         Opt[str],
@@ -243,13 +247,20 @@ def upscale_cmd(
         bool, typer.Option("--ema/--no-ema", help="Use EMA weights when present.")
     ] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite/--no-overwrite",
+            help="Replace existing files in --out (never the input images themselves).",
+        ),
+    ] = False,
 ) -> None:
     """Super-resolve your own images (PNG/JPEG, any size, RGB/grey/alpha); inputs are never overwritten."""  # noqa: E501
     import tempfile
     from pathlib import Path
 
     from pipeline import console
-    from pipeline.evaluate.upscale import collect_inputs, upscale_files
+    from pipeline.evaluate.upscale import collect_inputs, output_paths, upscale_files
     from pipeline.evaluate.upscalers import method_from_config
 
     cfg = _load(
@@ -276,6 +287,9 @@ def upscale_cmd(
     if cfg.method == "bicubic" and not cfg.scales:
         raise console.UserError("--model bicubic needs --scale")
     files = collect_inputs(inputs)
+    s = cfg.scales[0] if cfg.scales else None
+    if s is not None:  # refuse clashing outputs before loading a model (known scale only)
+        output_paths(files, Path(out).expanduser(), s, overwrite)
     uri = None
     if cfg.run_id:
         from pipeline.tracking import check_reachable, resolve_uri
@@ -286,7 +300,12 @@ def upscale_cmd(
         method = method_from_config(cfg, Path(tmp), uri)
         s = method.scales[0]
         written = upscale_files(
-            files, Path(out).expanduser(), method.upscalers[s], s, f" ({method.label})"
+            files,
+            Path(out).expanduser(),
+            method.upscalers[s],
+            s,
+            f" ({method.label})",
+            overwrite=overwrite,
         )
     console.info(f"wrote {len(written)} image(s) to {Path(out).expanduser()}")
 

@@ -1,7 +1,9 @@
 """What `evaluate` hands back: a table, a per-image CSV, JSON for scripts, comparison figures.
 
 Files are written atomically (temporary name, then rename) so an interrupted run never leaves a
-half CSV under the final name. Figures are drawn with Pillow only (no matplotlib dependency).
+half CSV under the final name, and :class:`ResultWriter` rewrites them while the loop runs, so
+an interrupted run keeps the scores it already paid for. Figures are drawn with Pillow only (no
+matplotlib dependency).
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, fields
+import time
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,10 +33,25 @@ def _fmt(value: float, digits: int) -> str:
     return f"{value:.{digits}f}"
 
 
+def format_seconds(value: float) -> str:
+    """Three significant digits (0.00870, 1.23, 12.3, 123; whole numbers from 100 up, at most
+    six decimals), so a fast method's column does not collapse to 0.0 while a slow one's stays
+    short."""
+    if not math.isfinite(value):
+        return "-"
+    if value <= 0:
+        return "0"
+    rounded = float(f"{value:.2e}")  # to 3 significant digits first: 9.996 -> 10.0, not 10.00
+    digits = min(6, max(0, 2 - math.floor(math.log10(rounded))))
+    return f"{rounded:.{digits}f}"
+
+
 def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True) -> str:
     """Plain-text table (stdout stays machine-friendly: no colour codes).
 
     ``with_bicubic`` adds the bicubic baseline of the same images next to the method.
+    ``seconds`` is the time spent in the method itself (summed over images and repeats; reading
+    files and computing metrics excluded), ``ms/img`` the same per image and repeat.
     """
     stochastic = any(s.repeats > 1 for s in summaries)
     head = ["benchmark", "scale", f"{label} PSNR", "SSIM"]
@@ -42,7 +60,7 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
         head.append("± std")
     if with_bicubic:
         head += ["bicubic PSNR", "SSIM"]
-    head += ["images", "seconds"]
+    head += ["images", "seconds", "ms/img"]
     rows = []
     for s in summaries:
         row = [s.benchmark, f"x{s.scale}", _fmt(s.psnr, 3), _fmt(s.ssim, 4)]
@@ -51,7 +69,12 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
             row.append(_fmt(s.ssim_std, 4))
         if with_bicubic:
             row += [_fmt(s.bicubic_psnr, 3), _fmt(s.bicubic_ssim, 4)]
-        row += [str(s.images), f"{s.seconds:.1f}"]
+        runs = s.images * s.repeats
+        row += [
+            str(s.images),
+            format_seconds(s.seconds),
+            format_seconds(1000.0 * s.seconds / runs) if runs else "-",
+        ]
         rows.append(row)
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(head)]
     lines = [
@@ -68,7 +91,7 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
                 for i, (c, w) in enumerate(zip(r, widths, strict=True))
             )
         )
-    note = "PSNR/SSIM on Y (BT.601), shave = scale"
+    note = "PSNR/SSIM on Y (BT.601), shave = scale; seconds = time in the method"
     if stochastic:
         note += f"; mean ± sample std over {summaries[0].repeats} random hash draws"
     return "\n".join(lines) + f"\n({note})"
@@ -105,7 +128,7 @@ def summary_records(summaries: list[Summary]) -> list[dict]:
             "psnr": s.psnr,
             "ssim": s.ssim,
             "images": s.images,
-            "seconds": round(s.seconds, 4),
+            "seconds": round(s.seconds, 6),
             "repeats": s.repeats,
             "psnr_std": s.psnr_std,
             "ssim_std": s.ssim_std,
@@ -147,7 +170,8 @@ def _enlarge(img: np.ndarray, size: int) -> np.ndarray:
 def comparison_figure(
     rows: list[FigureRow], title: str, label: str, with_sr: bool = True
 ) -> np.ndarray:
-    """HR crop | bicubic | method, one row per image, PSNR (whole image, Y) under each panel.
+    """HR crop | bicubic | method, one row per image, with the PSNR of the whole image (not of
+    the crop; on Y, the mean over repeats for the method) under each panel.
 
     ``with_sr=False`` (the bicubic baseline itself) leaves out the third, identical panel.
     """
@@ -187,3 +211,59 @@ def write_figures(folder: Path, outcome: Outcome) -> list[Path]:
         write_png(path, comparison_figure(rows, title, outcome.label, with_sr))
         paths.append(path)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# keeping the files current while the loop runs
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Written:
+    csv_path: Path
+    json_path: Path
+    figure_paths: list[Path]
+
+
+class ResultWriter:
+    """Keeps ``per_image.csv`` and ``summary.json`` in ``out_dir`` current during the loop.
+
+    Why: a paper-size model can take hours over all benchmarks, and a failure at image N (a
+    truncated file, out of memory, Ctrl-C, a killed job) must not lose the scores of the images
+    before it. The files are rewritten (atomically) after every benchmark x scale and, within
+    one, after the first image that ends ``flush_seconds`` or more after the last write; so a
+    killed process loses about that much work (plus the image in progress), and
+    rewriting a few hundred CSV lines never costs a noticeable share of the run. The folder is
+    created by the first write, so a run that fails before any image leaves no empty folder.
+    ``summary.json`` lists only completed benchmark x scale pairs (an average over part of a
+    benchmark is not its number); the CSV has every image scored so far.
+    """
+
+    def __init__(self, out_dir: Path, flush_seconds: float = 30.0) -> None:
+        self.out_dir = out_dir
+        self.flush_seconds = flush_seconds
+        self.latest: Outcome | None = None
+        self._last_flush = time.monotonic()
+
+    @property
+    def csv_path(self) -> Path:
+        return self.out_dir / "per_image.csv"
+
+    @property
+    def json_path(self) -> Path:
+        return self.out_dir / "summary.json"
+
+    def update(self, outcome: Outcome, group_done: bool) -> None:
+        """Called after every image (``group_done`` after the last of a benchmark x scale)."""
+        self.latest = outcome
+        if group_done or time.monotonic() - self._last_flush >= self.flush_seconds:
+            self.write(outcome)
+
+    def write(self, outcome: Outcome, figures: bool = False) -> Written:
+        """Rewrite the CSV and JSON (and, at the end, the figures) from ``outcome``."""
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_csv(self.csv_path, outcome.rows)
+        write_json(self.json_path, outcome.summaries)
+        paths = write_figures(self.out_dir / "figures", outcome) if figures else []
+        self._last_flush = time.monotonic()
+        return Written(self.csv_path, self.json_path, paths)

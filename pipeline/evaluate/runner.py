@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,8 +21,18 @@ from pipeline import console, defaults
 from pipeline.config import EvalConfig
 from pipeline.console import UserError
 from pipeline.evaluate import metrics
-from pipeline.evaluate.benchmarks import Benchmark, Sample, load_sample, resolve_benchmarks
+from pipeline.evaluate.benchmarks import (
+    Benchmark,
+    Sample,
+    benchmark_files,
+    check_files,
+    load_sample,
+    resolve_benchmarks,
+)
 from pipeline.evaluate.upscalers import Method, Upscaler, method_from_config
+
+if TYPE_CHECKING:
+    from pipeline.evaluate.report import ResultWriter
 
 
 @dataclass
@@ -34,7 +45,7 @@ class ImageRow:
     ssim: float
     bicubic_psnr: float
     bicubic_ssim: float
-    seconds: float
+    seconds: float  # time in the method for this image (no file reading, no metrics)
     lr_width: int
     lr_height: int
     grey: bool
@@ -48,7 +59,7 @@ class Summary:
     psnr: float
     ssim: float
     images: int
-    seconds: float
+    seconds: float  # time in the method, summed over images and repeats
     repeats: int = 1
     psnr_std: float = 0.0
     ssim_std: float = 0.0
@@ -78,6 +89,11 @@ class Outcome:
     figures: dict[tuple[str, int], list[FigureRow]] = field(default_factory=dict)
     source: str = ""
     model_config: dict[str, Any] | None = None
+    step: int | None = None  # training step of the evaluated weights, when known
+
+    @property
+    def images_done(self) -> int:
+        return sum(1 for r in self.rows if r.repeat == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,20 +252,21 @@ def run_benchmarks(
     max_images: int = 0,
     figure_images: int = 3,
     save_dir: Path | None = None,
+    on_update: Callable[[Outcome, bool], None] | None = None,
 ) -> Outcome:
     """Evaluate ``upscalers[scale]`` on every benchmark and scale with the standard protocol.
 
     The bicubic comparison (CSV column, figure panel) is computed for every method; for the
-    bicubic method it *is* the output, so it runs once.
+    bicubic method it *is* the output, so it runs once. ``on_update(outcome, group_done)`` is
+    called after every image with the outcome so far (rows of every scored image, summaries of
+    the completed benchmark x scale pairs), so a caller can keep results on disk as they come.
     """
     from pipeline.imageio import write_png
 
     out = Outcome(method=method, label=label)
     is_bicubic = method == "bicubic"
     for bench in benchmarks:
-        files = bench.images()
-        if max_images:
-            files = files[:max_images]
+        files = benchmark_files(bench, max_images)
         for scale in scales:
             rows: list[ImageRow] = []
             seconds = 0.0
@@ -262,6 +279,7 @@ def run_benchmarks(
                         upscalers[scale], is_bicubic, bench.name, sample, scale, repeats, label
                     )
                     rows += res.rows
+                    out.rows += res.rows
                     seconds += res.seconds
                     bar.advance(repeats)
                     if save_dir is not None:
@@ -279,10 +297,13 @@ def run_benchmarks(
                         # keep the best few (by gain over bicubic; first images on ties)
                         candidates.sort(key=lambda r: -r.gain)
                         del candidates[figure_images:]
-            out.rows += rows
+                    if on_update is not None and path != files[-1]:
+                        on_update(out, False)
             out.summaries.append(_summarise(bench.name, scale, rows, repeats, seconds))
             if candidates:
                 out.figures[(bench.name, scale)] = candidates
+            if on_update is not None:
+                on_update(out, True)
     return out
 
 
@@ -293,12 +314,20 @@ def run_benchmarks(
 
 @dataclass
 class Prepared:
-    """Everything resolved before the long loop starts (so bad input fails in seconds)."""
+    """Everything resolved and checked before the long loop starts, so bad input fails in
+    seconds: the benchmark folders; every HR file and every shipped LR file the run will read
+    (present, image header readable, LR exactly HR/scale, large enough to score; headers only,
+    no pixels decoded); the tracking server and the run given by ``--run-id``; the method.
+
+    A file whose header is fine but whose pixel data is truncated can only fail when the loop
+    decodes it; :func:`evaluate` then keeps the results of the images before it.
+    """
 
     benchmarks: list[Benchmark]
     method: Method
     tracking_uri: str | None
     out_dir: Path
+    images: int = 0  # images the loop will evaluate per scale, all benchmarks together
 
 
 def _default_out_dir(method: str) -> Path:
@@ -306,8 +335,17 @@ def _default_out_dir(method: str) -> Path:
     return defaults.home() / "evaluations" / f"{stamp}-{method}"
 
 
+def check_inputs(benchmarks: list[Benchmark], scales: list[int], max_images: int = 0) -> int:
+    """Check every file the loop will read (see :class:`Prepared`); returns the image count."""
+    work = [(b, p) for b in benchmarks for p in benchmark_files(b, max_images)]
+    for bench, path in console.track(work, "checking benchmark files", unit="img"):
+        check_files(bench, path, scales)
+    return len(work)
+
+
 def prepare(cfg: EvalConfig, workdir: Path) -> Prepared:
-    """Resolve benchmarks and tracking first (cheap checks), then the method to evaluate."""
+    """Resolve benchmarks and tracking first (cheap checks), then the method to evaluate, then
+    every input file for the method's scales (which a checkpoint decides)."""
     benches = resolve_benchmarks(cfg.benchmarks, cfg.data_dir or defaults.data_dir())
     uri = None
     if cfg.mlflow or cfg.run_id:
@@ -315,9 +353,16 @@ def prepare(cfg: EvalConfig, workdir: Path) -> Prepared:
 
         uri = resolve_uri(cfg.tracking_uri)
         check_reachable(uri)
+        if cfg.run_id and cfg.checkpoint and cfg.mlflow:
+            # results go to that run: make sure it exists before hours of evaluation
+            # (without --checkpoint the run's model is downloaded, which checks it anyway)
+            from pipeline.evaluate.checkpoints import require_run
+
+            require_run(cfg.run_id, uri)
     method = method_from_config(cfg, workdir, uri)
+    images = check_inputs(benches, method.scales, cfg.max_images)
     out_dir = Path(cfg.out).expanduser() if cfg.out else _default_out_dir(method.name)
-    return Prepared(benches, method, uri, out_dir)
+    return Prepared(benches, method, uri, out_dir, images)
 
 
 @dataclass
@@ -331,40 +376,70 @@ class EvalReport:
     run_link: str | None = None
 
 
-def evaluate(cfg: EvalConfig) -> EvalReport:
-    """Run the whole `evaluate` command: resolve, loop, write files, log to MLflow."""
+def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
+    """Run the whole `evaluate` command: resolve and check, loop, write files, log to MLflow.
+
+    Results are kept on disk while the loop runs (:class:`report.ResultWriter`); when the loop
+    fails, the images scored so far are written before the error propagates, with a warning
+    saying where. The ``--json`` table, which scripts take as the complete answer, is written
+    only by a complete run, and nothing is logged to MLflow for a failed one.
+    """
     from pipeline.evaluate import report
 
     with tempfile.TemporaryDirectory(prefix="sr-eval-") as tmp:
         prep = prepare(cfg, Path(tmp))
-        prep.out_dir.mkdir(parents=True, exist_ok=True)
         m = prep.method
         console.info(
             f"evaluating {m.source} on {', '.join(b.name for b in prep.benchmarks)} "
             f"at x{', x'.join(map(str, m.scales))}"
             + (f" (tiling {cfg.tiling}, hash {cfg.hash})" if m.name != "bicubic" else "")
         )
-        outcome = run_benchmarks(
-            m.upscalers,
-            m.name,
-            m.label,
-            prep.benchmarks,
-            m.scales,
-            repeats=cfg.repeats if m.name != "bicubic" else 1,
-            max_images=cfg.max_images,
-            figure_images=cfg.figure_images,
-            save_dir=prep.out_dir / "images" if cfg.save_images else None,
-        )
+        writer = report.ResultWriter(prep.out_dir, flush_seconds)
+        try:
+            outcome = run_benchmarks(
+                m.upscalers,
+                m.name,
+                m.label,
+                prep.benchmarks,
+                m.scales,
+                repeats=cfg.repeats if m.name != "bicubic" else 1,
+                max_images=cfg.max_images,
+                figure_images=cfg.figure_images,
+                save_dir=prep.out_dir / "images" if cfg.save_images else None,
+                on_update=writer.update,
+            )
+        except BaseException:
+            _keep_partial(writer, prep.images * len(m.scales))
+            raise
         outcome.source = m.source
         outcome.model_config = m.model_config
-        csv_path = report.write_csv(prep.out_dir / "per_image.csv", outcome.rows)
-        json_path = report.write_json(prep.out_dir / "summary.json", outcome.summaries)
+        outcome.step = m.step
+        written = writer.write(outcome, figures=True)
         if cfg.json_path:
             report.write_json(Path(cfg.json_path).expanduser(), outcome.summaries)
-        figures = report.write_figures(prep.out_dir / "figures", outcome)
-        result = EvalReport(outcome, prep.out_dir, csv_path, json_path, figures)
+        result = EvalReport(
+            outcome, prep.out_dir, written.csv_path, written.json_path, written.figure_paths
+        )
         if prep.tracking_uri is not None and cfg.mlflow:
             from pipeline.evaluate.mlflow_log import log_evaluation
 
             result.run_id, result.run_link = log_evaluation(cfg, result, prep.tracking_uri)
         return result
+
+
+def _keep_partial(writer: ResultWriter, total: int) -> None:
+    """After a failure: write what was scored (if anything) and say where, in one line."""
+    done = writer.latest
+    if done is None or not done.rows:
+        return
+    try:
+        writer.write(done, figures=True)
+    except Exception as exc:  # the original error matters more than this one
+        console.warn(f"could not keep the partial results in {writer.out_dir}: {exc}")
+        return
+    pairs = len(done.summaries)
+    console.warn(
+        f"evaluation stopped after {done.images_done} of {total} images; their scores are in "
+        f"{writer.csv_path} ({pairs} complete benchmark/scale pair{'' if pairs == 1 else 's'} "
+        f"in {writer.json_path.name})"
+    )

@@ -3,7 +3,9 @@
 Differences from benchmark evaluation, all for users' files rather than protocol fidelity:
 overlap tiling by default (bounded memory for photos of any size), grey images come back
 grey, an alpha channel is carried over (bicubic-resized), output is always PNG (lossless),
-and an output may never replace an input file.
+an output may never replace an input file, and an existing file is replaced only with
+``--overwrite``. Every target is checked before the first image is written, so a refusal
+leaves the output folder as it was.
 """
 
 from __future__ import annotations
@@ -44,14 +46,24 @@ def collect_inputs(items: list[str]) -> list[Path]:
     return out
 
 
+# Single-channel modes besides 8-bit "L" (bilevel, 16/32-bit integer): read_image turns them into
+# 8-bit RGB; for users' files they are grey images and must come back grey.
+_WIDE_GREY_MODES = ("1", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
 def read_user_image(path: Path) -> UserImage:
-    """Decode fully (one-line errors from :func:`read_image`), keeping grey and alpha."""
+    """Decode fully (one-line errors from :func:`read_image`), keeping grey and alpha.
+
+    Pixels are 8-bit: 16-bit files are scaled down as :func:`read_image` does.
+    """
     from PIL import Image
 
     pixels, _ = read_image(path, keep_gray=True)
     alpha = None
     with Image.open(path) as img:
         mode = img.mode
+        if mode in _WIDE_GREY_MODES and pixels.ndim == 3:
+            pixels = pixels[..., 0].copy()  # read_image repeated the one channel three times
         if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
             mode == "P" and "transparency" in img.info
         ):
@@ -64,8 +76,18 @@ def read_user_image(path: Path) -> UserImage:
     return UserImage(path, pixels, alpha)
 
 
-def output_paths(inputs: list[Path], out_dir: Path, scale: int) -> list[Path]:
-    """``<out>/<stem>_x<scale>.png``; clashing stems get ``-2``, ``-3``...; never an input."""
+def output_paths(
+    inputs: list[Path], out_dir: Path, scale: int, overwrite: bool = False
+) -> list[Path]:
+    """``<out>/<stem>_x<scale>.png``; inputs sharing a stem get ``-2``, ``-3``... in order.
+
+    Never an input (not even with ``overwrite``: that would destroy the user's original), and
+    never an existing file unless ``overwrite``. An existing file is refused rather than
+    renamed around, so the output names stay predictable for scripts. Only checks: nothing is
+    created or written here.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: --out is a file, not a folder; choose another --out")
     taken: set[Path] = set()
     resolved_inputs = {p.resolve() for p in inputs}
     outs = []
@@ -77,12 +99,21 @@ def output_paths(inputs: list[Path], out_dir: Path, scale: int) -> list[Path]:
             if candidate.resolve() not in taken:
                 break
             n += 1
+        taken.add(candidate.resolve())
+        outs.append(candidate)
+    for candidate in outs:  # inputs first: that refusal holds whatever the flags
         if candidate.resolve() in resolved_inputs:
             raise UserError(
                 f"{candidate}: refusing to overwrite an input image; choose another --out"
             )
-        taken.add(candidate.resolve())
-        outs.append(candidate)
+    for candidate in outs:
+        if candidate.is_dir():
+            raise UserError(f"{candidate}: a folder has the output's name; choose another --out")
+        if candidate.exists() and not overwrite:
+            raise UserError(
+                f"{candidate}: already exists; pass --overwrite to replace it, or choose "
+                "another --out"
+            )
     return outs
 
 
@@ -100,11 +131,16 @@ def upscale_image(image: UserImage, upscaler, scale: int) -> np.ndarray:
 
 
 def upscale_files(
-    inputs: list[Path], out_dir: Path, upscaler, scale: int, label: str = ""
+    inputs: list[Path],
+    out_dir: Path,
+    upscaler,
+    scale: int,
+    label: str = "",
+    overwrite: bool = False,
 ) -> list[Path]:
     """Upscale every input into ``out_dir`` with a progress bar; returns the written paths."""
+    targets = output_paths(inputs, out_dir, scale, overwrite)
     out_dir.mkdir(parents=True, exist_ok=True)
-    targets = output_paths(inputs, out_dir, scale)
     written = []
     desc = f"upscale x{scale}{label}"
     with console.progress_bar(desc, total=len(inputs), unit="img") as bar:

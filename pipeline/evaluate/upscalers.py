@@ -131,6 +131,7 @@ class Method:
     source: str  # where the weights came from (or "bicubic")
     upscalers: dict[int, Upscaler]
     model_config: dict[str, Any] | None = None  # the loaded network's config (None: bicubic)
+    step: int | None = None  # training step of the weights, when the checkpoint records it
 
     @property
     def scales(self) -> list[int]:
@@ -165,7 +166,8 @@ def method_from_config(
         raise UserError(
             "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID or --model bicubic"
         )
-    ckpt_scale = checkpoints.model_scale(path)
+    facts = checkpoints.checkpoint_facts(path)
+    ckpt_scale = facts.scale
     if len(cfg.scales) > 1:
         raise UserError(
             f"{path}: a checkpoint is for one scale (x{ckpt_scale}); --scale asks for "
@@ -190,4 +192,6 @@ def method_from_config(
         on_tile=on_tile,
     )
     source = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
-    return Method("dnlan", "DNLAN", source, {scale: upscaler}, dataclasses.asdict(model.config))
+    return Method(
+        "dnlan", "DNLAN", source, {scale: upscaler}, dataclasses.asdict(model.config), facts.step
+    )
