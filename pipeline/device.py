@@ -10,6 +10,7 @@ silent. Hashing inside DNLA stays float32 regardless (see the model).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from pipeline import console
@@ -54,21 +55,24 @@ def _usable(device: torch.device, precision: str) -> str | None:
     return None
 
 
-def resolve_precision(device: torch.device, requested: str, warn: bool = True) -> str:
+def resolve_precision(
+    device: torch.device, requested: str, warn: Callable[[str], None] | None = console.warn
+) -> str:
     """The precision a job really runs in on `device`: `requested`, or ``fp32`` (one warning).
 
     ``auto`` picks bf16 on a GPU that supports it (no loss scaling needed) and fp32 elsewhere,
     silently: nothing specific was asked for. Call it once, before the step loop: its result
     is what to log (the requested value is only a wish) and what to pass to :func:`autocast`
-    and to a loss scaler.
+    and to a loss scaler. ``warn(message)`` shows the one fallback warning; None stays quiet
+    (the other ranks of a job); a Ray worker passes its own writer.
     """
     if requested == "auto":
         return "bf16" if _usable(device, "bf16") is None else "fp32"
     why = _usable(device, requested)
     if why is None:
         return requested
-    if warn:
-        console.warn(f"{why}; running in fp32 on {device.type}")
+    if warn is not None:
+        warn(f"{why}; running in fp32 on {device.type}")
     return "fp32"
 
 
@@ -81,7 +85,7 @@ def autocast(device: torch.device, precision: str):
     """
     import torch
 
-    precision = resolve_precision(device, precision, warn=False)
+    precision = resolve_precision(device, precision, warn=None)
     if precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16

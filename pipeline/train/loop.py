@@ -91,13 +91,16 @@ def agree_on_precision(requested: str, device: torch.device, rank: int) -> str:
     """The precision every rank runs in: resolved once per rank, fp32 unless all ranks agree.
 
     A loss scaler on some ranks only would mix scaled and unscaled gradients in the all-reduce;
-    one collective here keeps the ranks on the same path. Only rank 0 warns (once per job).
+    one collective here keeps the ranks on the same path. Only rank 0 warns (once per worker
+    group: a restarted group decides again).
     """
     from pipeline.device import resolve_precision
 
-    codes = ("fp32", "bf16", "fp16")
-    precision = resolve_precision(device, requested, warn=rank == 0)
-    code = float(codes.index(precision))
+    def warn(message: str) -> None:  # say(), not console.warn: Ray Train's print shows it twice
+        say(f"warning: {message}")
+
+    precision = resolve_precision(device, requested, warn=warn if rank == 0 else None)
+    code = float(("fp32", "bf16", "fp16").index(precision))
     highest, neg_lowest = all_reduce_sum([code, -code], device, op="max")
     if highest != -neg_lowest:  # the ranks resolved differently (mixed GPUs)
         if rank == 0:
