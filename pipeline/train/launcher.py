@@ -642,19 +642,23 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
         ),
     )
     ended: dict[str, Any] = {}
+    done = threading.Event()
 
     def run() -> None:
         try:
             ended["result"] = trainer.fit()
         except BaseException as exc:  # handed to the main thread as is
             ended["error"] = exc
+        finally:
+            done.set()
 
-    thread = threading.Thread(target=run, name="sr-pipeline-fit", daemon=True)
-    thread.start()
+    threading.Thread(target=run, name="sr-pipeline-fit", daemon=True).start()
     asked = False
-    while thread.is_alive():
+    # Wait in time.sleep, not Thread.join: a Ctrl-C that interrupts join() can leave the thread
+    # marked as stopped while it still runs (CPython's bpo-45274 handling), losing the result.
+    while not done.is_set():
         try:
-            thread.join(timeout=0.5)
+            time.sleep(0.2)
         except KeyboardInterrupt:
             if asked:
                 raise Interrupted() from None
