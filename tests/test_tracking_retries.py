@@ -1,0 +1,64 @@
+"""`pipeline.tracking.with_retries`: how training survives a tracking hiccup mid-run.
+
+Every MLflow call a training job makes after it started goes through it (metrics, tags,
+images, the best model, the registry): a flaky server costs a metric point, never the job.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.tracking import with_retries
+
+
+class Flaky:
+    """Fails `failures` times with a network-like error, then returns its arguments."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures, self.calls = failures, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls <= self.failures:
+            raise ConnectionError(f"connection refused (call {self.calls})")
+        return args, kwargs
+
+
+def test_a_hiccup_is_retried_and_the_call_goes_through(capsys):
+    fn = Flaky(failures=1)
+    assert with_retries(fn, "run", 3, attempts=3, what="MLflow log metrics", key="v") == (("run", 3), {"key": "v"})
+    assert fn.calls == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["warning: MLflow log metrics failed (attempt 1/3), retrying in 1s: connection refused (call 1)"]
+
+
+def test_an_outage_is_survived_without_the_call(capsys):
+    fn = Flaky(failures=10)
+    assert with_retries(fn, attempts=2, what="MLflow log image") is None  # training goes on
+    assert fn.calls == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "warning: MLflow log image failed after 2 attempts, continuing without it: connection refused (call 2)"
+
+
+def test_no_retry_when_the_first_call_works(capsys):
+    fn = Flaky(failures=0)
+    assert with_retries(fn, 1) == ((1,), {})
+    assert fn.calls == 1 and capsys.readouterr().err == ""
+
+
+def test_a_dead_tracking_server_does_not_stop_rank_0s_logging(monkeypatch: pytest.MonkeyPatch, capsys):
+    """A real MLflow client against a port nobody listens on: rank 0 starts and logs anyway."""
+    from helpers import free_port
+
+    from pipeline.train.tracking import MetricLogger
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    monkeypatch.setattr("pipeline.tracking.time.sleep", lambda s: None)  # the backoff is not under test
+    logger = MetricLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, enabled=True)
+    assert logger.floors == {}  # the run could not be read: nothing is skipped
+    logger.log({"train/loss": 0.5}, 10)
+    logger.set_tag("sr.world_size", "2")
+    err = capsys.readouterr().err
+    for what in ("MLflow get run", "MLflow log metrics", "MLflow set tag"):
+        assert f"{what} failed after 5 attempts, continuing without it" in err
