@@ -220,7 +220,7 @@ def main() -> None:
     print(f"measuring (threads={args.threads}, tile={args.tile}, overlap={args.tile_overlap})", file=sys.stderr)
     # Set14 x2: tiny on N images, paper on a few small ones
     for mode in modes:
-        record("tiny", "Set14", mode, run_case({**common, "model": "tiny", "data": "set14", "count": args.set14_images, "mode": mode}))  # noqa: E501
+        record("tiny", "Set14", mode, run_case({**common, "model": "tiny", "data": "set14", "count": args.set14_images, "mode": mode}))
     names = [n for n in args.paper_images.split(",") if n]
     for mode in modes:
         record("paper", "Set14-" + "+".join(names), mode,
@@ -251,7 +251,7 @@ def main() -> None:
         f"python {platform.python_version()}, {date.today().isoformat()}; threads {args.threads}; "
         f"overlap tile {args.tile} / overlap {args.tile_overlap} LR px; x{SCALE}, fixed hash, random weights",
         "",
-        "| model | data | tiling | images | CPU s/image | images/s (CPU) | wall s | speed vs whole | peak extra MB | memory vs whole | note |",  # noqa: E501
+        "| model | data | tiling | images | CPU s/image | images/s (CPU) | wall s | speed vs whole | peak extra MB | memory vs whole | note |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:

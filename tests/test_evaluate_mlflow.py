@@ -76,7 +76,7 @@ def training_run(mlflow_server, tiny_checkpoints):
 
 def test_run_id_resolves_best_model_and_attaches_results(
     mlflow_server, training_run, mini_bench, tmp_path, tiny_checkpoints
-):  # noqa: E501
+):
     client = MlflowClient(mlflow_server.uri)
     # the trainer's artifact name is best_model/model.pt: rename the logged file accordingly
     ours = tmp_path / "best" / "model.pt"

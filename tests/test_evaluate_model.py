@@ -155,7 +155,7 @@ def test_wrong_scale_and_wrong_config(mini_bench, tiny_checkpoints, tmp_path):
     with pytest.raises(
         UserError,
         match=r"official_x2.pt: checkpoint does not fit the model .*'head.0.weight': shape \(64, 3, 3, 3\) in the checkpoint, \(192, 3, 3, 3\)",
-    ):  # noqa: E501
+    ):
         evaluate(
             _cfg(mini_bench, tmp_path, checkpoint=str(tiny_checkpoints.official_x2), preset="paper")
         )

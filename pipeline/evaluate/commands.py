@@ -41,113 +41,113 @@ def evaluate_cmd(
         typer.Option(
             help="Our checkpoint file, a Ray checkpoint folder (holding model.pt) or an official DNLAN state_dict."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     run_id: Annotated[
         Opt[str],
         typer.Option(
             "--run-id",
             help="MLflow run whose best_model/model.pt to evaluate (with --checkpoint: that file instead); results are logged to that run unless --no-mlflow.",
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     model: Annotated[
         Opt[str],
         typer.Option(
             "--model", help="dnlan (needs --checkpoint or --run-id) | bicubic (the baseline)."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     benchmarks: Annotated[
         Opt[str],
         typer.Option(
             help="Comma list: Set5,Set14,B100,Urban100,Manga109, or folders of HR images."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     scale: Annotated[
         Opt[str],
         typer.Option(help="Scale(s), e.g. 4 or 2,3,4 (default: the checkpoint's; bicubic: 2,3,4)."),
-    ] = None,  # noqa: E501
+    ] = None,
     data_dir: Annotated[
         Opt[str],
         typer.Option(
             "--data-dir",
             help="Folder holding benchmark/<Name>/HR (default: the data folder under SR_PIPELINE_HOME).",
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     preset: Annotated[
         Opt[str],
         typer.Option(help="Architecture of an official state_dict: paper | paper128 | tiny."),
-    ] = None,  # noqa: E501
+    ] = None,
     config: Annotated[
         Opt[str], typer.Option("--config", "-c", help="YAML file with evaluate options.")
-    ] = None,  # noqa: E501
+    ] = None,
     set_: Annotated[
         Opt[list[str]],
         typer.Option("--set", help="Override one value: KEY=VALUE (e.g. model.n_feats=128)."),
-    ] = None,  # noqa: E501
+    ] = None,
     tiling: Annotated[Opt[str], typer.Option(help=_TILING_HELP)] = None,
     tile: Annotated[Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels.")] = None,
     tile_overlap: Annotated[
         Opt[int],
         typer.Option("--tile-overlap", help="Overlap tiling: context pixels on each inner side."),
-    ] = None,  # noqa: E501
+    ] = None,
     self_ensemble: Annotated[
         Opt[bool],
         typer.Option("--self-ensemble/--no-self-ensemble", help="Average the 8 flips/transposes."),
-    ] = None,  # noqa: E501
+    ] = None,
     hash_mode: Annotated[
         Opt[str],
         typer.Option(
             "--hash",
             help="fixed (deterministic, default) | stochastic (the reference's random projections).",
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     hash_seed: Annotated[
         Opt[int],
         typer.Option(
             "--hash-seed", help="Seed of the fixed projections (or of the first stochastic repeat)."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     repeats: Annotated[
         Opt[int],
         typer.Option(help="With --hash stochastic: evaluate K times, report mean and std."),
-    ] = None,  # noqa: E501
+    ] = None,
     max_images: Annotated[
         Opt[int],
         typer.Option(
             "--max-images", help="Only the first N images of each benchmark (quick checks)."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     save_images: Annotated[
         Opt[bool],
         typer.Option("--save-images/--no-save-images", help="Write the SR PNGs under OUT/images."),
-    ] = None,  # noqa: E501
+    ] = None,
     out: Annotated[
         Opt[str],
         typer.Option(
             help="Folder for the CSV, JSON, figures and images (default: a new folder under SR_PIPELINE_HOME/evaluations)."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     json_path: Annotated[
         Opt[str], typer.Option("--json", help="Also write the table as JSON to this path.")
-    ] = None,  # noqa: E501
+    ] = None,
     mlflow: Annotated[
         Opt[bool], typer.Option("--mlflow/--no-mlflow", help="Log results to MLflow (default on).")
-    ] = None,  # noqa: E501
+    ] = None,
     tracking_uri: Annotated[
         Opt[str],
         typer.Option(
             "--tracking-uri",
             help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the local store).",
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     experiment: Annotated[
         Opt[str], typer.Option(help="MLflow experiment for new evaluation runs.")
-    ] = None,  # noqa: E501
+    ] = None,
     ema: Annotated[
         Opt[bool],
         typer.Option(
             "--ema/--no-ema", help="Use the EMA weights when the checkpoint has them (default)."
         ),
-    ] = None,  # noqa: E501
+    ] = None,
     device: Annotated[Opt[str], typer.Option(help="auto | cpu | cuda")] = None,
 ) -> None:
     """PSNR/SSIM on the standard SR benchmarks (Y channel, shave = scale), as papers report them."""
@@ -214,18 +214,18 @@ def upscale_cmd(
     checkpoint: Annotated[
         Opt[str],
         typer.Option(help="Our checkpoint, a Ray checkpoint folder or an official state_dict."),
-    ] = None,  # noqa: E501
+    ] = None,
     run_id: Annotated[
         Opt[str], typer.Option("--run-id", help="MLflow run whose best_model/model.pt to use.")
-    ] = None,  # noqa: E501
+    ] = None,
     model: Annotated[Opt[str], typer.Option("--model", help="dnlan (default) | bicubic.")] = None,
     scale: Annotated[
         Opt[int], typer.Option(help="Scale (default: the checkpoint's; required for bicubic).")
-    ] = None,  # noqa: E501
+    ] = None,
     preset: Annotated[
         Opt[str],
         typer.Option(help="Architecture of an official state_dict: paper | paper128 | tiny."),
-    ] = None,  # noqa: E501
+    ] = None,
     set_: Annotated[
         Opt[list[str]], typer.Option("--set", help="Override one value: KEY=VALUE.")
     ] = None,
@@ -237,12 +237,12 @@ def upscale_cmd(
     self_ensemble: Annotated[
         bool,
         typer.Option("--self-ensemble/--no-self-ensemble", help="Average the 8 flips/transposes."),
-    ] = False,  # noqa: E501
+    ] = False,
     hash_mode: Annotated[str, typer.Option("--hash", help="fixed | stochastic")] = "fixed",
     hash_seed: Annotated[int, typer.Option("--hash-seed")] = 0,
     tracking_uri: Annotated[
         Opt[str], typer.Option("--tracking-uri", help="MLflow tracking URI for --run-id.")
-    ] = None,  # noqa: E501
+    ] = None,
     ema: Annotated[
         bool, typer.Option("--ema/--no-ema", help="Use EMA weights when present.")
     ] = True,
@@ -255,7 +255,7 @@ def upscale_cmd(
         ),
     ] = False,
 ) -> None:
-    """Super-resolve your own images (PNG/JPEG, any size, RGB/grey/alpha); inputs are never overwritten."""  # noqa: E501
+    """Super-resolve your own images (PNG/JPEG, any size, RGB/grey/alpha); inputs are never overwritten."""
     import tempfile
     from pathlib import Path
 
