@@ -12,7 +12,7 @@ CONSTRAINT_FLAGS := $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint install clean help
+.PHONY: demo test test-fast lint install clean help FORCE
 
 help:
 	@echo "make demo   - install into $(VENV) and run the end-to-end demo (CPU, embedded images)"
@@ -21,7 +21,18 @@ help:
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+# The torch spec in effect is recorded in a file that changes only when TORCH_SPEC does, so a
+# new spec (e.g. a CUDA build after a CPU one) reinstalls torch instead of being ignored.
+SPEC_FILE  := $(VENV)/.torch-spec
+$(SPEC_FILE): FORCE
+	@mkdir -p $(VENV)
+	@if [ "$$(cat $@ 2>/dev/null)" != '$(TORCH_SPEC)' ]; then \
+	  if [ -x $(BIN)/python ]; then $(BIN)/python -m pip uninstall --quiet -y torch || true; fi; \
+	  echo '$(TORCH_SPEC)' > $@; fi
+
+FORCE:
+
+$(STAMP): pyproject.toml $(CONSTRAINTS) $(SPEC_FILE)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(TORCH_SPEC)
