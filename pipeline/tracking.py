@@ -9,6 +9,9 @@ logged, never fatal.
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -148,3 +151,16 @@ def run_url(uri: str, experiment: str, run_id: str) -> str | None:
     if uri.startswith(("http://", "https://")):
         return f"{redact_uri(uri).rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
     return None
+
+
+def ui_command(tracking_uri: str) -> str:
+    """The exact command that opens the MLflow UI on `tracking_uri` (printed by demo and train)."""
+    exe = sys.argv[0] if sys.argv and sys.argv[0].endswith("sr-pipeline") else "sr-pipeline"
+    if shutil.which("sr-pipeline") == os.path.abspath(exe):
+        exe = "sr-pipeline"
+    prefix = ""
+    if os.environ.get(defaults.HOME_ENV):
+        prefix = f"{defaults.HOME_ENV}={defaults.home()} "
+    if tracking_uri != defaults.default_tracking_uri():
+        return f"{prefix}{exe} ui --tracking-uri {tracking_uri}"
+    return f"{prefix}{exe} ui"

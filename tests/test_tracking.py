@@ -71,3 +71,17 @@ def test_info_and_evaluate_do_not_print_tracking_passwords(tmp_path):
     bad = run_cli("evaluate", "--model", "bicubic", "--benchmarks", str(tmp_path), "--scale", "2", "--tracking-uri", uri)
     assert bad.returncode == 1 and "not reachable" in bad.stderr
     assert "s3cr3t" not in bad.stdout + bad.stderr
+
+
+def test_ui_command_opens_the_store_it_was_given(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Train and demo print it: a run in another store must not be sent to the default one."""
+    from pipeline import defaults
+    from pipeline.tracking import ui_command
+
+    monkeypatch.setenv(defaults.HOME_ENV, str(tmp_path))
+    default = defaults.default_tracking_uri()
+    assert ui_command(default).endswith(" ui")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    cmd = ui_command(other)
+    assert cmd.endswith(f" ui --tracking-uri {other}")
+    assert cmd.startswith(f"{defaults.HOME_ENV}={tmp_path} ")  # the home the store lives under

@@ -50,10 +50,10 @@ def test_a_dead_tracking_server_does_not_stop_rank_0s_logging(monkeypatch: pytes
     """A real MLflow client against a port nobody listens on: rank 0 starts and logs anyway."""
     from helpers import free_port
 
-    from pipeline.train.tracking import MetricLogger
+    from pipeline.train.tracking import WORKER_HTTP_ENV, MetricLogger
 
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # MLflow's own retries take minutes
-    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    for key, value in WORKER_HTTP_ENV.items():  # what a training worker runs with
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr("pipeline.tracking.time.sleep", lambda s: None)  # the backoff is not under test
     logger = MetricLogger(f"http://127.0.0.1:{free_port()}", "0" * 32, enabled=True)
     assert logger.floors == {}  # the run could not be read: nothing is skipped
@@ -62,3 +62,17 @@ def test_a_dead_tracking_server_does_not_stop_rank_0s_logging(monkeypatch: pytes
     err = capsys.readouterr().err
     for what in ("MLflow get run", "MLflow log metrics", "MLflow set tag"):
         assert f"{what} failed after 5 attempts, continuing without it" in err
+
+
+def test_workers_leave_retrying_to_with_retries_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow's default (7 retries, 120 s timeout) under with_retries would stall every rank."""
+    import os
+
+    from pipeline.train.tracking import WORKER_HTTP_ENV, bound_worker_http
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")  # recorded: undone after the test
+    monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # the user's choice
+    bound_worker_http()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "0" == WORKER_HTTP_ENV["MLFLOW_HTTP_REQUEST_MAX_RETRIES"]
+    assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "300"

@@ -71,8 +71,8 @@ def test_browser_finds_the_demo_run_its_val_psnr_and_the_comparison_image(
                 args=CHROMIUM_ARGS,
                 viewport={"width": 1600, "height": 1000},
             )
-        except PlaywrightError as exc:
-            pytest.skip(f"{chromium} cannot start here: {str(exc).splitlines()[0]}")
+        except PlaywrightError as exc:  # installed but broken is a failure, not a skip
+            pytest.fail(f"{chromium} is installed but cannot start: {str(exc).splitlines()[0]}")
         try:
             page = context.pages[0] if context.pages else context.new_page()
             saved = browse_run(page, server.url, run, shots)

@@ -12,9 +12,6 @@ next to the bicubic baseline computed by the same code.
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,19 +82,6 @@ def find_benchmarks(explicit: str | None) -> tuple[str | None, list[str]]:
         raise UserError(f"{root}: no benchmark/ folder (expected benchmark/<Name>/HR/*.png)")
     names = [n for n in BENCHMARK_NAMES if (root / "benchmark" / n / "HR").is_dir()]
     return (str(root), names) if names else (None, [])
-
-
-def ui_command(tracking_uri: str) -> str:
-    """The exact command that browses this demo's store."""
-    exe = sys.argv[0] if sys.argv and sys.argv[0].endswith("sr-pipeline") else "sr-pipeline"
-    if shutil.which("sr-pipeline") == os.path.abspath(exe):
-        exe = "sr-pipeline"
-    prefix = ""
-    if os.environ.get(defaults.HOME_ENV):
-        prefix = f"{defaults.HOME_ENV}={defaults.home()} "
-    if tracking_uri != defaults.default_tracking_uri():
-        return f"{prefix}{exe} ui --tracking-uri {tracking_uri}"
-    return f"{prefix}{exe} ui"
 
 
 def run_demo(opts: DemoOptions) -> DemoResult:
@@ -186,6 +170,8 @@ def render(result: DemoResult) -> str:
     ]
     for bench, scale, psnr, bicubic in result.rows:
         lines.append(f"    {bench:<12} x{scale}  DNLAN {psnr:6.2f} dB   bicubic {bicubic:6.2f} dB   ({psnr - bicubic:+.2f} dB)")
+    from pipeline.tracking import ui_command
+
     lines += [
         "  (a few CPU minutes of training; the paper recipe trains 1.5 M steps on GPUs: cluster/README.md)",
         f"  tables, CSV and figures: {result.eval_dir}",

@@ -451,7 +451,7 @@ def _train_on_cluster(
     import ray.train  # for its exception types below
 
     from pipeline.device import dist_backend
-    from pipeline.tracking import run_url
+    from pipeline.tracking import run_url, ui_command
     from pipeline.train import tracking
 
     storage_path, tracking_uri, run_dir = cfg.storage_path or "", cfg.tracking_uri or "", job.run_dir
@@ -505,7 +505,7 @@ def _train_on_cluster(
         )
         console.info(f"  MLflow run:    {url or run_id}  (experiment {cfg.experiment!r}, run id {run_id})")
         if not url:
-            console.info(f"                browse it with: sr-pipeline ui   (store {tracking_uri})")
+            console.info(f"                browse it with: {ui_command(tracking_uri)}")
         console.info(f"  Ray dashboard: {dashboard_url or 'off'}")
         console.info(f"  storage:       {run_dir}")
 

@@ -223,6 +223,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     loader = data.make_train_loader(stream, cfg.loader_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # forks the loader processes now, before our own threads start
 
+    run_tracking.bound_worker_http()  # with_retries is the one retry policy in the workers
     log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
     log.start_system_metrics()
     if rank == 0 and device.type == "cuda":

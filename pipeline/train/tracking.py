@@ -19,6 +19,7 @@ ones are what the run went through. Every call goes through
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -32,6 +33,19 @@ from pipeline.tracking import experiment_id, safe_params, with_retries
 TAG_RAY_RUN = "sr.ray_run_name"
 TAG_STORAGE = "sr.storage_path"
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit per log_batch call
+
+# Rank 0 logs between collectives: while it waits on MLflow, every rank waits. MLflow's own HTTP
+# retries (7, exponential backoff, 120 s per request) stacked under with_retries' 5 attempts could
+# stall the job for tens of minutes and trip the collective timeout (dist_timeout_s) during an
+# outage. In the workers, with_retries alone retries (about 2 minutes at worst per call with these
+# values); a user's own setting of these variables wins.
+WORKER_HTTP_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def bound_worker_http() -> None:
+    """Apply WORKER_HTTP_ENV in a training worker's process (MLflow reads it on every request)."""
+    for key, value in WORKER_HTTP_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def _client(uri: str):
