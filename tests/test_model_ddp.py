@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -55,18 +56,31 @@ def _worker(rank: int, world: int, port: int, out_dir: str, variant: str) -> Non
         except RuntimeError as exc:
             error = str(exc).splitlines()[0]
         state = {k: v.clone() for k, v in model.state_dict().items()}
-        torch.save({"error": error, "state": state}, Path(out_dir) / f"rank{rank}.pt")
+        tmp = Path(out_dir) / f"rank{rank}.pt.tmp"
+        torch.save({"error": error, "state": state}, tmp)
+        tmp.rename(tmp.with_suffix(""))  # complete or absent
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
 
 def _run(variant: str) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:
-        mp.start_processes(
-            _worker, args=(2, _free_port(), out, variant), nprocs=2, join=True,
-            start_method="spawn",
-        )
-        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=True) for r in range(2)]
+        results = [Path(out) / f"rank{r}.pt" for r in range(2)]
+        try:
+            mp.start_processes(
+                _worker, args=(2, _free_port(), out, variant), nprocs=2, join=True,
+                start_method="spawn",
+            )
+        except mp.ProcessExitedException as exc:
+            # Rarely (1 in ~50 runs here) gloo's C++ teardown aborts a process after its work is
+            # done ("terminate called without an active exception"). Each rank writes its result
+            # only after all its steps, so if both results exist the steps under test completed;
+            # a crash before that leaves a result missing and fails the test.
+            if not all(p.exists() for p in results):
+                raise
+            warnings.warn(f"ignored a crash in gloo teardown after both ranks finished: {exc}", stacklevel=1)
+        return [torch.load(p, weights_only=True) for p in results]
 
 
 def test_ddp_step_runs_without_find_unused_parameters():
