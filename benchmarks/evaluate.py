@@ -88,7 +88,7 @@ def worker(case: dict) -> dict:
     import torch
 
     from pipeline.evaluate import tiling
-    from pipeline.evaluate.upscalers import min_side_for
+    from pipeline.evaluate.methods import min_side_for
     from pipeline.model import build_model, set_hash_mode
 
     torch.set_num_threads(case["threads"])

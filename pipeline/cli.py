@@ -61,17 +61,6 @@ def info(
 STAGE_CONFIGS = {"preprocess": "PreprocessConfig", "train": "TrainConfig", "evaluate": "EvalConfig", "model": "ModelConfig"}
 
 
-def parse_sets(pairs: list[str] | None) -> dict[str, str]:
-    """``["model.n_feats=128", "lr=2e-4"]`` -> overrides for :func:`pipeline.config.load_config`."""
-    out: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise console.UserError(f"--set expects KEY=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 @app.command("config")
 def config_cmd(
     stage: Annotated[str, typer.Argument(help="preprocess | train | evaluate | model")],
@@ -87,7 +76,7 @@ def config_cmd(
     if stage not in STAGE_CONFIGS:
         raise console.UserError(f"unknown stage {stage!r} (choose from {', '.join(STAGE_CONFIGS)})")
     cls = getattr(cfgmod, STAGE_CONFIGS[stage])
-    overrides: dict[str, object] = dict(parse_sets(set_))
+    overrides: dict[str, object] = dict(cfgmod.parse_sets(set_))
     if scale is not None:
         overrides["scale" if stage == "model" else "model.scale"] = scale
     if stage == "model":

@@ -523,3 +523,14 @@ def _set_dotted(values: dict[str, Any], key: str, value: Any) -> None:
     for part in parts[:-1]:
         node = node.setdefault(part, {})
     node[parts[-1]] = value
+
+
+def parse_sets(pairs: list[str] | None) -> dict[str, str]:
+    """``["model.n_feats=128", "lr=2e-4"]`` -> overrides for :func:`pipeline.config.load_config`."""
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

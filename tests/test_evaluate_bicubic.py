@@ -10,9 +10,10 @@ from helpers import run_cli
 
 from pipeline.evaluate import metrics
 from pipeline.evaluate.benchmarks import load_sample, resolve_benchmarks
+from pipeline.evaluate.methods import BicubicUpscaler
 from pipeline.evaluate.report import format_seconds, render_table
-from pipeline.evaluate.runner import Summary, run_benchmarks
-from pipeline.evaluate.upscalers import BicubicUpscaler
+from pipeline.evaluate.results import Summary
+from pipeline.evaluate.runner import run_benchmarks
 from pipeline.preprocess import imresize
 
 # Spec 7.3 / SOURCES.md: Y of BT.601, shave = scale, MATLAB bicubic.

@@ -20,9 +20,9 @@ from pipeline.evaluate.benchmarks import (
     resolve_benchmark,
     resolve_benchmarks,
 )
+from pipeline.evaluate.methods import BicubicUpscaler
 from pipeline.evaluate.report import ResultWriter
 from pipeline.evaluate.runner import check_inputs, prepare, run_benchmarks
-from pipeline.evaluate.upscalers import BicubicUpscaler
 from pipeline.imageio import read_image, write_png
 from pipeline.preprocess import imresize
 

@@ -183,7 +183,7 @@ def test_ray_folders(mini_bench, tiny_checkpoints, tmp_path):
     best.mkdir(parents=True)
     (best / "model.pt").write_bytes(tiny_checkpoints.ours_x2.read_bytes())
     (tmp_path / "run" / "checkpoint_000001").mkdir()
-    from pipeline.evaluate.checkpoints import checkpoint_file
+    from pipeline.evaluate.model_source import checkpoint_file
 
     assert checkpoint_file(tmp_path / "run") == best / "model.pt"  # a run folder: its best model
     (tmp_path / "empty").mkdir()

@@ -201,7 +201,7 @@ def test_sixteen_bit_and_bilevel_grey_come_back_grey(tmp_path):
 
 def test_output_paths_checks_without_writing(tmp_path, user_images):
     from pipeline.console import UserError
-    from pipeline.evaluate.upscale import output_paths
+    from pipeline.evaluate.photos import output_paths
 
     photo = user_images / "photo.png"
     as_file = tmp_path / "not_a_folder"

@@ -25,8 +25,7 @@ def _split(value: str | None) -> list[str] | None:
 
 
 def _load(preset, config, set_, overrides):
-    from pipeline.cli import parse_sets
-    from pipeline.config import EvalConfig, load_config
+    from pipeline.config import EvalConfig, load_config, parse_sets
 
     merged = dict(parse_sets(set_))
     merged.update({k: v for k, v in overrides.items() if v is not None})
@@ -260,8 +259,8 @@ def upscale_cmd(
     from pathlib import Path
 
     from pipeline import console
-    from pipeline.evaluate.upscale import collect_inputs, output_paths, upscale_files
-    from pipeline.evaluate.upscalers import method_from_config
+    from pipeline.evaluate.methods import method_from_config
+    from pipeline.evaluate.photos import collect_inputs, output_paths, upscale_files
 
     cfg = _load(
         preset,

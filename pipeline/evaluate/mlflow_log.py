@@ -36,7 +36,7 @@ from pipeline.config import EvalConfig, flatten
 from pipeline.tracking import experiment_id, redact_uri, run_url, safe_params, with_retries
 
 if TYPE_CHECKING:
-    from pipeline.evaluate.runner import EvalReport
+    from pipeline.evaluate.results import EvalReport
 
 
 def key_part(name: str) -> str:

@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.imageio import atomic_write_bytes, write_png
 
 if TYPE_CHECKING:
-    from pipeline.evaluate.runner import FigureRow, ImageRow, Outcome, Summary
+    from pipeline.evaluate.results import FigureRow, ImageRow, Outcome, Summary
 
 
 def _fmt(value: float, digits: int) -> str:
@@ -99,7 +99,7 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
 
 def write_csv(path: Path, rows: list[ImageRow]) -> Path:
     """One line per image (and repeat) with PSNR/SSIM of the method and of bicubic."""
-    from pipeline.evaluate.runner import ImageRow
+    from pipeline.evaluate.results import ImageRow
 
     buf = io.StringIO()
     names = [f.name for f in fields(ImageRow)]

@@ -10,10 +10,10 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,71 +29,11 @@ from pipeline.evaluate.benchmarks import (
     load_sample,
     resolve_benchmarks,
 )
-from pipeline.evaluate.upscalers import Method, Upscaler, method_from_config
+from pipeline.evaluate.methods import Method, Upscaler, method_from_config
+from pipeline.evaluate.results import EvalReport, FigureRow, ImageRow, Outcome, Summary
 
 if TYPE_CHECKING:
     from pipeline.evaluate.report import ResultWriter
-
-
-@dataclass
-class ImageRow:
-    benchmark: str
-    scale: int
-    image: str
-    repeat: int
-    psnr: float
-    ssim: float
-    bicubic_psnr: float
-    bicubic_ssim: float
-    seconds: float  # time in the method for this image (no file reading, no metrics)
-    lr_width: int
-    lr_height: int
-    grey: bool
-    lr_source: str  # file path or "generated"
-
-
-@dataclass
-class Summary:
-    benchmark: str
-    scale: int
-    psnr: float
-    ssim: float
-    images: int
-    seconds: float  # time in the method, summed over images and repeats
-    repeats: int = 1
-    psnr_std: float = 0.0
-    ssim_std: float = 0.0
-    bicubic_psnr: float = float("nan")
-    bicubic_ssim: float = float("nan")
-
-
-@dataclass
-class FigureRow:
-    """One row of a comparison figure: crops of HR, bicubic and the method's output."""
-
-    image: str
-    gain: float
-    hr: np.ndarray
-    bicubic: np.ndarray
-    sr: np.ndarray
-    psnr: float
-    bicubic_psnr: float
-
-
-@dataclass
-class Outcome:
-    method: str
-    label: str
-    summaries: list[Summary] = field(default_factory=list)
-    rows: list[ImageRow] = field(default_factory=list)
-    figures: dict[tuple[str, int], list[FigureRow]] = field(default_factory=dict)
-    source: str = ""
-    model_config: dict[str, Any] | None = None
-    step: int | None = None  # training step of the evaluated weights, when known
-
-    @property
-    def images_done(self) -> int:
-        return sum(1 for r in self.rows if r.repeat == 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,24 +296,13 @@ def prepare(cfg: EvalConfig, workdir: Path) -> Prepared:
         if cfg.run_id and cfg.checkpoint and cfg.mlflow:
             # results go to that run: make sure it exists before hours of evaluation
             # (without --checkpoint the run's model is downloaded, which checks it anyway)
-            from pipeline.evaluate.checkpoints import require_run
+            from pipeline.evaluate.model_source import require_run
 
             require_run(cfg.run_id, uri)
     method = method_from_config(cfg, workdir, uri)
     images = check_inputs(benches, method.scales, cfg.max_images)
     out_dir = Path(cfg.out).expanduser() if cfg.out else _default_out_dir(method.name)
     return Prepared(benches, method, uri, out_dir, images)
-
-
-@dataclass
-class EvalReport:
-    outcome: Outcome
-    out_dir: Path
-    csv_path: Path
-    json_path: Path
-    figure_paths: list[Path]
-    run_id: str | None = None
-    run_link: str | None = None
 
 
 def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:

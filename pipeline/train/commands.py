@@ -62,8 +62,7 @@ def train_cmd(
     val/psnr is measured on the valid shards, whose images preprocess cropped to a multiple of 12; `evaluate` crops to a multiple of the scale, so its PSNR can differ slightly.
     """
     from pipeline import console
-    from pipeline.cli import parse_sets
-    from pipeline.config import TrainConfig, load_config
+    from pipeline.config import TrainConfig, load_config, parse_sets
 
     overrides: dict[str, object] = {
         "shards": shards, "model.scale": scale, "workers": workers, "cpus_per_worker": cpus_per_worker,

@@ -152,21 +152,21 @@ def method_from_config(
         return Method("bicubic", "Bicubic", "bicubic", {s: BicubicUpscaler(s) for s in scales})
 
     from pipeline.device import select_device
-    from pipeline.evaluate import checkpoints
+    from pipeline.evaluate import model_source
 
     if cfg.checkpoint:
-        path = checkpoints.checkpoint_file(cfg.checkpoint)
+        path = model_source.checkpoint_file(cfg.checkpoint)
     elif cfg.run_id:
         if tracking_uri is None:
             raise UserError(
                 "--run-id needs MLflow tracking (drop --no-mlflow or give --tracking-uri)"
             )
-        path = checkpoints.download_run_model(cfg.run_id, tracking_uri, workdir)
+        path = model_source.download_run_model(cfg.run_id, tracking_uri, workdir)
     else:
         raise UserError(
             "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID or --model bicubic"
         )
-    facts = checkpoints.checkpoint_facts(path)
+    facts = model_source.checkpoint_facts(path)
     ckpt_scale = facts.scale
     if len(cfg.scales) > 1:
         raise UserError(
@@ -177,7 +177,7 @@ def method_from_config(
         raise UserError(
             f"{path}: checkpoint is for x{ckpt_scale}, but --scale {cfg.scales[0]} was requested"
         )
-    model, desc = checkpoints.load_model(path, cfg, cfg.scales[0] if cfg.scales else ckpt_scale)
+    model, desc = model_source.load_model(path, cfg, cfg.scales[0] if cfg.scales else ckpt_scale)
     scale = int(model.config.scale)
     upscaler = ModelUpscaler(
         model,
