@@ -231,6 +231,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
         # what the run really computes in; the `precision` param is what was asked for
         run_tracking.log_params(job.tracking_uri, job.mlflow_run_id, {"derived.precision": precision})
+    # train/mfu: FLOPs counted once by rank 0, on CUDA GPUs with a known peak only
+    from pipeline.model.flops import mfu, training_flops_if_measurable
+
+    flops_per_sample = training_flops_if_measurable(cfg.model, cfg.patch_size, device, precision) if rank == 0 else None
     nodes_used = count_nodes()
     log.set_tag("sr.nodes_used", str(nodes_used))
     log.set_tag("sr.world_size", str(world))
@@ -319,6 +323,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
                     "train/data_wait": window["wait"] / window["time"],
                     "train/epoch": progress.step / cfg.iters_per_epoch,
                 }
+                if flops_per_sample:
+                    metrics["train/mfu"] = mfu(metrics["train/samples_per_s"], flops_per_sample, device, precision)
                 log.log(metrics, progress.step)
                 now = time.monotonic()
                 if rank == 0 and now - last_print >= 15:
