@@ -341,10 +341,17 @@ class DecoupledNonLocalAttention(nn.Module):
             return binarize(draw_projection(self.n_hashes, self.match_channels, bits, device=device))
         key = (bits, str(device))
         if key not in self._fixed:
-            gen = torch.Generator(device="cpu").manual_seed(int(self.hash_seed))
-            u = draw_projection(self.n_hashes, self.match_channels, bits, generator=gen)
-            self._fixed[key] = binarize(u).to(device)
+            self._draw_fixed(key, bits, device)
         return self._fixed[key]
+
+    @torch.compiler.disable
+    def _draw_fixed(self, key: tuple[int, str], bits: int, device: torch.device) -> None:
+        """Draw and cache a fixed projection, eagerly: a CPU generator cannot live inside a
+        compiled graph. Under torch.compile this breaks the graph on the first call only; the
+        recompile that follows finds the cached projection (a constant of the graph)."""
+        gen = torch.Generator(device="cpu").manual_seed(int(self.hash_seed))
+        u = draw_projection(self.n_hashes, self.match_channels, bits, generator=gen)
+        self._fixed[key] = binarize(u).to(device)
 
     def forward(self, x: Tensor) -> Tensor:
         q = self.conv_match(x)
