@@ -28,9 +28,9 @@ def oracle_codes(q: Tensor, uniform_or_binary: Tensor) -> Tensor:
     act = torch.einsum("ntc,hce->nhte", q.to(torch.float32), proj[0])
     sums = act.reshape(n, n_hashes, length, bits, 20).sum(-1)
     on = (sums > 0).to(torch.float32)
-    powers = torch.tensor([2.0**j for j in range(bits)], dtype=torch.float32)
+    powers = torch.tensor([2.0**j for j in range(bits)], dtype=torch.float32, device=q.device)
     codes = torch.einsum("nhtj,j->nht", on, powers)
-    offsets = torch.arange(n_hashes, dtype=torch.float32).view(1, n_hashes, 1) * (2**bits)
+    offsets = torch.arange(n_hashes, dtype=torch.float32, device=q.device).view(1, n_hashes, 1) * (2**bits)
     return (codes + offsets).reshape(n, n_hashes * length).detach()
 
 

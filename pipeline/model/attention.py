@@ -21,11 +21,19 @@ softmax of their log-sum-exp, scaled residual. What changes is only how it is co
 Beyond the reference: any token count works (padding indices wrap cyclically when a round is
 shorter than the padding, which is identical to the reference whenever the reference runs),
 and hashing always runs in float32 with autocast disabled so that bits do not depend on the
-compute precision; the attention itself also runs in float32.
+compute precision; the attention itself also runs in float32 on CPU.
+
+On CUDA the chunk attention runs instead as one fused ``scaled_dot_product_attention`` call
+(flash or memory-efficient kernels; :mod:`pipeline.model.attention_sdpa` says how the
+log-sum-exp and its gradient are recovered), in autocast's precision when autocast is on.
+``SR_DNLA_SDPA=on|off`` overrides the choice (``on`` lets CPU tests check its math). The sort's
+tie order on CUDA is the CUDA sort's, not the CPU's (spec quirk Q3), so fixed-hash outputs on
+GPU and CPU agree to a tolerance, not bitwise (benchmarks/gpu.py measures it).
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -43,6 +51,24 @@ BLOCK_ELEMENTS = 1 << 20
 BLOCK_ELEMENTS_CUDA = 1 << 25
 
 HashMode = Literal["stochastic", "fixed"]
+
+# Which formulation computes the chunk attention: "auto" = fused scaled_dot_product_attention
+# on CUDA (pipeline.model.attention_sdpa) and the blocked function below elsewhere; "on" forces
+# SDPA on any device (how CPU tests check its math against the oracle); "off" forces the
+# blocked function. Read once at import; tests and tools set the module attribute.
+SDPA_ENV = "SR_DNLA_SDPA"
+SDPA_MODE = os.environ.get(SDPA_ENV, "auto").strip().lower() or "auto"
+
+
+def uses_sdpa(device: torch.device) -> bool:
+    """True when the chunk attention on ``device`` runs as fused SDPA (see ``SDPA_MODE``)."""
+    if SDPA_MODE in ("on", "1", "true"):
+        return True
+    if SDPA_MODE in ("off", "0", "false"):
+        return False
+    if SDPA_MODE != "auto":
+        raise ValueError(f"{SDPA_ENV} must be auto, on or off, got {SDPA_MODE!r}")
+    return device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,11 +247,19 @@ class _AdjacentChunkAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def sparse_attention(q: Tensor, v: Tensor, codes: Tensor, n_hashes: int, chunk_size: int) -> Tensor:
+def sparse_attention(
+    q: Tensor,
+    v: Tensor,
+    codes: Tensor,
+    n_hashes: int,
+    chunk_size: int,
+    compute_dtype: torch.dtype | None = None,
+) -> Tensor:
     """Bucketed attention given the hash codes (spec steps 4-10).
 
     q: ``(N, L, Cr)`` raw match embedding, v: ``(N, L, F)``, codes: ``(N, nh*L)``.
-    Returns ``(N, L, F)`` in image token order. Everything runs in float32.
+    Returns ``(N, L, F)`` in image token order. Everything runs in float32, except the fused
+    SDPA kernel (CUDA), which runs in ``compute_dtype`` when one is given (autocast's).
     """
     n, length, channels = q.shape
     feats = v.shape[-1]
@@ -244,7 +278,12 @@ def sparse_attention(q: Tensor, v: Tensor, codes: Tensor, n_hashes: int, chunk_s
     vs = vs.view(-1, chunk_size, feats)
     ks = F.normalize(qs, p=2.0, dim=-1, eps=KEY_EPS)
     adj = adjacent_chunks(n * n_hashes, n_chunks, device)
-    out, lse = _AdjacentChunkAttention.apply(qs, ks, vs, adj)
+    if uses_sdpa(device):
+        from pipeline.model.attention_sdpa import chunk_attention_sdpa
+
+        out, lse = chunk_attention_sdpa(qs, ks, vs, adj, compute_dtype)
+    else:
+        out, lse = _AdjacentChunkAttention.apply(qs, ks, vs, adj)
 
     out = out.view(n, n_hashes, padded, feats)[:, :, :length]
     lse = lse.view(n, n_hashes, padded)[:, :, :length]
@@ -271,13 +310,17 @@ def dnla_core(q_img: Tensor, v_img: Tensor, projection: Tensor, chunk_size: int)
     feats = v_img.shape[1]
     n_hashes = projection.shape[1]
     bits = projection.shape[-1] // COLUMNS_PER_BIT
+    # the precision autocast asked for, before it is switched off (only SDPA on CUDA uses it)
+    lowp = None
+    if q_img.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        lowp = torch.get_autocast_dtype("cuda")
     with torch.autocast(q_img.device.type, enabled=False):
         # token-major copies: the bucket gathers read whole rows, which must be contiguous
         # (gathering rows of the channel-major view costs a cache miss per element)
         q = q_img.to(torch.float32).reshape(n, channels, h * w).transpose(1, 2).contiguous()
         v = v_img.to(torch.float32).reshape(n, feats, h * w).transpose(1, 2).contiguous()
         codes = fly_hash(q, bit_weights(projection).to(q.device), n_hashes, bits)
-        y = sparse_attention(q, v, codes, n_hashes, chunk_size)
+        y = sparse_attention(q, v, codes, n_hashes, chunk_size, lowp)
         y = y.transpose(1, 2).reshape(n, feats, h, w)
     return y, codes
 

@@ -94,15 +94,22 @@ def _config_flops(fields: tuple, lr_h: int, lr_w: int, device: str) -> FlopCount
     import torch
 
     from pipeline.config import ModelConfig
+    from pipeline.model import attention
     from pipeline.model.dnlan import build_from_config
 
     cfg = ModelConfig(*fields)
     gpus = [torch.device(device)] if device.startswith("cuda") else []
     # the stochastic hash draws from the global RNG, which DDP ranks keep in lockstep: fork it
-    with torch.random.fork_rng(devices=gpus, device_type="cuda"):
-        torch.manual_seed(0)
-        model = build_from_config(cfg).to(device)
-        return count_flops(model, (1, 3, lr_h, lr_w), cfg.scale)
+    # count the model's math, not the fused GPU kernel's padding and sink column: the blocked
+    # attention runs exactly the products of spec section 2
+    saved, attention.SDPA_MODE = attention.SDPA_MODE, "off"
+    try:
+        with torch.random.fork_rng(devices=gpus, device_type="cuda"):
+            torch.manual_seed(0)
+            model = build_from_config(cfg).to(device)
+            return count_flops(model, (1, 3, lr_h, lr_w), cfg.scale)
+    finally:
+        attention.SDPA_MODE = saved
 
 
 def model_flops(cfg: ModelConfig, hr_patch: int, device: str = "cpu") -> FlopCount:
