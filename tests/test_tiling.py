@@ -319,3 +319,60 @@ def test_overlap_peak_memory_bounded_as_image_grows(kind):
     # a few tiles' worth of activations (one tile is 64+2*8 = 80 px square)
     assert large - out_large < small + 20e6, (small, large, out_large)
     assert large < growth_whole / 5
+
+
+# ---- batched inference and precision (issue 14) ----------------------------------------------
+
+
+def _tiny_dnlan():
+    from pipeline.model import build_model, set_hash_mode
+
+    torch.manual_seed(0)
+    model = build_model("tiny", 2, n_resgroups=1, n_resblocks=1, n_feats=16, chunk_size=48).eval()
+    return set_hash_mode(model, "fixed", 3)
+
+
+def test_batched_tiles_equal_one_at_a_time():
+    """Float64 conv net: bitwise; DNLAN with fixed hashing: to float32 rounding."""
+    conv = ConvSR(2).double()
+    img = _image(37, 53)
+    one = tiling.forward_overlap(conv, img, 2, 16, 4)
+    calls = []
+    for k in (2, 3, 64):
+        batched = tiling.forward_overlap(conv, img, 2, 16, 4, batch_tiles=k,
+                                         on_tile=lambda d, t: calls.append((d, t)))
+        assert torch.equal(batched, one)
+    assert calls[-1][0] == calls[-1][1]  # progress reaches the total
+
+    model = _tiny_dnlan()
+    lr = torch.rand(1, 3, 40, 50, generator=torch.Generator().manual_seed(1))
+    one = tiling.forward_overlap(model, lr, 2, 24, 6)
+    batched = tiling.forward_overlap(model, lr, 2, 24, 6, batch_tiles=4)
+    assert (batched - one).abs().max() <= 1e-5
+    with pytest.raises(ValueError, match="batch_tiles"):
+        tiling.forward_overlap(model, lr, 2, 24, 6, batch_tiles=0)
+
+
+def test_batched_images_equal_one_at_a_time():
+    model = _tiny_dnlan()
+    gen = torch.Generator().manual_seed(2)
+    sizes = [(20, 24), (18, 30), (20, 24), (20, 24), (18, 30)]
+    images = [torch.rand(1, 3, h, w, generator=gen) for h, w in sizes]
+    forward = tiling.make_forward(model, 2, tiling="overlap", tile=16, overlap=4, min_side=8,
+                                  batch_tiles=3)
+    batched = tiling.forward_images(forward, images, max_batch=2)
+    assert [tuple(o.shape) for o in batched] == [(1, 3, 2 * h, 2 * w) for h, w in sizes]
+    for img, out in zip(images, batched, strict=True):
+        assert (out - forward(img)).abs().max() <= 1e-5
+
+
+def test_precision_wrapper_on_cpu_runs_fp32():
+    """bf16 needs a CUDA GPU: on CPU the wrapper runs fp32 (the warning is resolve_precision's)."""
+    model = _tiny_dnlan()
+    lr = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(lr)
+        assert tiling.with_precision(model, "fp32") is model
+        for precision in ("bf16", "auto"):
+            out = tiling.with_precision(model, precision)(lr)
+            assert out.dtype == torch.float32 and torch.equal(out, ref)

@@ -13,6 +13,16 @@ Why several ways to run one model on one image:
   overlap gives exactly the whole-image output (no seams by construction).
 * ``self_ensemble``: mean over the 8 dihedral transforms (the reference's ``forward_x8``).
 
+Speed on a GPU (issue 14): ``forward_overlap(..., batch_tiles=k)`` runs up to ``k`` tiles of the
+same shape through the model at once, ``forward_images`` batches whole images whose sizes
+agree, and ``with_precision`` runs the model under bf16/fp16 autocast (DNLA hashes in float32
+whatever the precision). With fixed hashing a batch computes what one-at-a-time computes (one
+projection per layer for every sample; convolution kernels may round differently per batch
+size, ~1e-7). With stochastic hashing a batch shares one draw, so results differ from
+one-at-a-time as any two draws do. CUDA graphs are not used: DNLA's sort and gathers are
+shape-static per tile, but the fixed projections are created lazily and the tiles of one
+image come in a few shapes; capturing is left for when a GPU can measure its gain.
+
 All functions take ``lr`` as a float tensor (N, 3, h, w) in [0, rgb_range] and return
 (N, 3, s*h, s*w), without gradients. The trainer's validation runs through the same
 reference chop, so its ``val/psnr`` sees the tiling the benchmark numbers use by default.
@@ -34,6 +44,23 @@ REFERENCE_MIN_SIZE = 120_000
 
 def _model_fn(model) -> Forward:
     return model if callable(model) else model.forward
+
+
+def with_precision(model, precision: str = "fp32") -> Forward:
+    """The model's forward under autocast for ``precision`` (fp32/bf16/fp16/auto), returning
+    float32. A precision the device cannot run falls back to fp32 silently here: callers
+    resolve it once with :func:`pipeline.device.resolve_precision`, which warns."""
+    fn = _model_fn(model)
+    if precision == "fp32":
+        return fn
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        from pipeline.device import autocast
+
+        with autocast(x.device, precision):
+            return fn(x).float()
+
+    return run
 
 
 def forward_whole(model, lr: torch.Tensor) -> torch.Tensor:
@@ -137,38 +164,75 @@ def forward_overlap(
     tile: int,
     overlap: int,
     on_tile: Callable[[int, int], None] | None = None,
+    batch_tiles: int = 1,
 ) -> torch.Tensor:
     """Tiled forward with bounded memory: tiles of ``tile`` LR px, ``overlap`` px of context.
 
     Only the output array (the SR image itself) grows with the image; model activations are
-    those of one tile. ``on_tile(done, total)`` is called after each tile (progress bars).
+    those of ``batch_tiles`` tiles. With ``batch_tiles > 1`` tiles of equal shape (most of
+    them: window sizes differ by at most a pixel or two) go through the model together.
+    ``on_tile(done, total)`` is called after each model call (progress bars).
     """
     import torch
 
+    if batch_tiles < 1:
+        raise ValueError(f"batch_tiles must be >= 1, got {batch_tiles}")
     fn = _model_fn(model)
-    _, _, h, w = lr.shape
-    ys = axis_tiles(h, tile, overlap)
-    xs = axis_tiles(w, tile, overlap)
-    total = len(ys) * len(xs)
+    n, _, h, w = lr.shape
+    windows = [(y, x) for y in axis_tiles(h, tile, overlap) for x in axis_tiles(w, tile, overlap)]
+    if batch_tiles == 1:  # one by one, in raster order (the stochastic hash's draw order)
+        groups = [[win] for win in windows]
+    else:
+        by_shape: dict[tuple[int, int], list] = {}
+        for y, x in windows:
+            by_shape.setdefault((y[1] - y[0], x[1] - x[0]), []).append((y, x))
+        groups = [g[i : i + batch_tiles] for g in by_shape.values() for i in range(0, len(g), batch_tiles)]
     out = None
     done = 0
     with torch.no_grad():
-        for iy0, iy1, cy0, cy1 in ys:
-            for ix0, ix1, cx0, cx1 in xs:
-                sr = fn(lr[..., iy0:iy1, ix0:ix1])
-                if out is None:
-                    out = sr.new_empty((sr.shape[0], sr.shape[1], scale * h, scale * w))
+        for group in groups:
+            batch = torch.cat([lr[..., iy0:iy1, ix0:ix1] for (iy0, iy1, _, _), (ix0, ix1, _, _) in group])
+            sr = fn(batch)
+            if out is None:
+                out = sr.new_empty((n, sr.shape[1], scale * h, scale * w))
+            for j, ((iy0, _, cy0, cy1), (ix0, _, cx0, cx1)) in enumerate(group):
                 out[..., scale * cy0 : scale * cy1, scale * cx0 : scale * cx1] = sr[
-                    ...,
+                    j * n : (j + 1) * n,
+                    :,
                     scale * (cy0 - iy0) : scale * (cy1 - iy0),
                     scale * (cx0 - ix0) : scale * (cx1 - ix0),
                 ]
-                del sr
-                done += 1
-                if on_tile is not None:
-                    on_tile(done, total)
+            del sr, batch
+            done += len(group)
+            if on_tile is not None:
+                on_tile(done, len(windows))
     assert out is not None
     return out
+
+
+def forward_images(
+    forward_fn: Forward, images: list[torch.Tensor], max_batch: int = 8
+) -> list[torch.Tensor]:
+    """Run ``forward_fn`` over LR images ``(1, 3, h, w)``, batching those of equal size.
+
+    Returns the outputs in input order. ``forward_fn`` is any composite from
+    :func:`make_forward` (tiling works per batch: all images of a batch share the tiles).
+    """
+    import torch
+
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for i, img in enumerate(images):
+        by_shape.setdefault(tuple(img.shape[1:]), []).append(i)
+    outs: list[torch.Tensor | None] = [None] * len(images)
+    for members in by_shape.values():
+        for start in range(0, len(members), max_batch):
+            part = members[start : start + max_batch]
+            sr = forward_fn(torch.cat([images[i] for i in part]))
+            for j, i in enumerate(part):
+                outs[i] = sr[j : j + 1]
+    return outs  # type: ignore[return-value]
 
 
 def _dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -234,8 +298,15 @@ def make_forward(
     ensemble: bool = False,
     min_side: int = 1,
     on_tile: Callable[[int, int], None] | None = None,
+    precision: str = "fp32",
+    batch_tiles: int = 1,
 ) -> Forward:
-    """Compose tiling, padding for tiny inputs and the optional self-ensemble into one function."""
+    """Compose tiling, padding for tiny inputs and the optional self-ensemble into one function.
+
+    ``precision`` wraps every model call in autocast (see :func:`with_precision`);
+    ``batch_tiles`` batches overlap tiles (see :func:`forward_overlap`).
+    """
+    model = with_precision(model, precision)
     if tiling == "none":
 
         def base(x):
@@ -249,7 +320,7 @@ def make_forward(
     elif tiling == "overlap":
 
         def base(x):
-            return forward_overlap(model, x, scale, tile, overlap, on_tile=on_tile)
+            return forward_overlap(model, x, scale, tile, overlap, on_tile=on_tile, batch_tiles=batch_tiles)
 
     else:
         raise ValueError(f"unknown tiling {tiling!r} (none, reference, overlap)")
