@@ -54,7 +54,10 @@ def chunk_attention_sdpa(
     if max(d_qk, d_v) <= FLASH_MAX_HEAD_DIM:
         d_qk = d_v = max(d_qk, d_v)
     ids = adj.reshape(-1)
-    c = torch.linalg.vector_norm(qs.detach(), dim=-1, keepdim=True)  # (T, cs, 1)
+    dtype = compute_dtype or qs.dtype
+    # the sink logit, rounded to the kernel's precision so that the identities below use the
+    # very logit the kernel used (a bf16 ||q|| of 20 is off by up to 0.08)
+    c = torch.linalg.vector_norm(qs.detach(), dim=-1, keepdim=True).to(dtype).to(qs.dtype)
 
     q_aug = F.pad(torch.cat([qs, c], dim=-1), (0, d_qk - cr - 1))
     keys = F.pad(ks.index_select(0, ids).view(t, 3 * cs, cr), (0, d_qk - cr))
@@ -66,7 +69,6 @@ def chunk_attention_sdpa(
     k_aug = torch.cat([keys, sink_k.expand(t, 1, d_qk)], dim=1)
     v_aug = torch.cat([vals, sink_v.expand(t, 1, d_v)], dim=1)
 
-    dtype = compute_dtype or qs.dtype
     o = F.scaled_dot_product_attention(
         q_aug.to(dtype).unsqueeze(1), k_aug.to(dtype).unsqueeze(1), v_aug.to(dtype).unsqueeze(1),
         scale=1.0,
