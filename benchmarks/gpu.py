@@ -439,6 +439,17 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_outputs(out: Path | None, results: dict) -> None:
+    if out is None:
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    text = markdown(results) + f"\nTotal {results.get('total_s', 0):.0f} s.\n"
+    for name, content in (("gpu.md", text), ("gpu.json", json.dumps(results, indent=1, default=str))):
+        tmp = out / (name + ".tmp")
+        tmp.write_text(content)
+        tmp.replace(out / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu")
@@ -448,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="weights for the agreement check (default: random init)")
     parser.add_argument("--scales", default="2,3,4")
     parser.add_argument("--out", type=Path, help="write gpu.md and gpu.json into this folder")
+    parser.add_argument("--train-budget", type=float, default=BUDGET_S["train"],
+                        help="seconds for the training section (compiles start only while 150 s remain)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads with --device cpu (1: stable on a shared machine)")
     args = parser.parse_args(argv)
@@ -475,25 +488,31 @@ def main(argv: list[str] | None = None) -> int:
 
     started = time.monotonic()
     results: dict = {"machine": machine(device), "args": " ".join(sys.argv[1:]), "hr_patch": hr_patch,
-               "batch": batch}
+                     "batch": batch, "train": [], "attention": [], "inference": [], "agreement": {}}
     print(f"# benchmarks/gpu.py on {results['machine']['gpu']} ({device}), torch {torch.__version__}", flush=True)
-    results["train"] = bench_train(device, preset, scales, batch, hr_patch, args.quick)
     feats, abatch, side = attention_args
     results["attention_shape"] = f"{feats} channels, batch {abatch}, LR {side}x{side}"
-    results["attention"] = bench_attention(device, feats, abatch, side, args.quick)
     results["inference_shape"] = f"{preset}, LR {lr_hw[1]}x{lr_hw[0]}, tile {tile}, overlap {overlap}"
-    results["inference"] = bench_inference(device, preset, lr_hw, tile, overlap, args.quick)
-    results["agreement"] = bench_agreement(device, preset, args.image, args.checkpoint, args.quick)
-    results["total_s"] = time.monotonic() - started
+    BUDGET_S["train"] = args.train_budget
+    sections = (
+        ("train", lambda: bench_train(device, preset, scales, batch, hr_patch, args.quick)),
+        ("attention", lambda: bench_attention(device, feats, abatch, side, args.quick)),
+        ("inference", lambda: bench_inference(device, preset, lr_hw, tile, overlap, args.quick)),
+        ("agreement", lambda: bench_agreement(device, preset, args.image, args.checkpoint, args.quick)),
+    )
+    for name, run in sections:
+        try:
+            results[name] = run()
+        except Exception as exc:  # noqa: BLE001 - report it and go on with the next section
+            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            print(f"  {name}: FAILED {error}", flush=True)
+            results[name] = {"error": error} if name == "agreement" else [{"variant": "all", "scale": 0,
+                                                                            "error": error}]
+        results["total_s"] = time.monotonic() - started
+        write_outputs(args.out, results)  # after every section: a timeout still leaves the rest
     text = markdown(results) + f"\nTotal {results['total_s']:.0f} s.\n"
     print()
     print(text)
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        for name, content in (("gpu.md", text), ("gpu.json", json.dumps(results, indent=1, default=str))):
-            tmp = args.out / (name + ".tmp")
-            tmp.write_text(content)
-            tmp.replace(args.out / name)
     return 0
 
 
