@@ -92,3 +92,10 @@ def test_peak_table_override_and_mfu(monkeypatch):
     monkeypatch.setenv(PEAK_ENV, "fast")
     with pytest.raises(ValueError, match=PEAK_ENV):
         peak_tflops("NVIDIA H200", "bf16")
+
+
+def test_training_flops_only_where_an_mfu_can_be_reported():
+    from pipeline.model.flops import training_flops_if_measurable
+
+    # CPU: no peak, so the loop pays nothing for counting
+    assert training_flops_if_measurable(model_config("tiny", 2), 48, torch.device("cpu"), "fp32") is None
