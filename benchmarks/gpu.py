@@ -6,7 +6,8 @@ its own time budget so the whole run stays within 8 minutes on one H100/H200:
 
 1. **train**: the paper model's training step at global batch 16, HR patch 96, x2/x3/x4 -
    patches/s, MFU (FLOPs counted by pipeline.model.flops), peak GPU memory - for
-   ``fp32 baseline`` (the code before issue 14: blocked attention, plain Adam, fp32),
+   ``fp32 baseline`` (the code before issue 14: blocked attention, plain Adam, fp32, no cuDNN
+   autotuning),
    ``fp32`` (fused SDPA attention, fused Adam), ``bf16``, ``bf16 + channels_last`` and
    ``bf16 + channels_last + compile``. The step is the loop's pieces (model, autocast from
    pipeline.device, L1 loss on the float32 output, Adam with the loop's hyper-parameters),
@@ -177,6 +178,8 @@ def bench_train(device, preset: str, scales: list[int], batch: int, hr_patch: in
             print(f"  train x{scale} {name}: skipped (time budget)", flush=True)
             continue
         sdpa_mode("on" if fast else "off")
+        if cuda:  # the baseline is the code before issue 14, which left cuDNN autotuning off
+            torch.backends.cudnn.benchmark = fast
         try:
             step = make_train_step(cfg, device, precision, fast, channels_last, compiled, batch, hr_patch)
             t0 = time.monotonic()
