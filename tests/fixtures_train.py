@@ -101,6 +101,37 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no checkpoint {count} in {run_dir} after {timeout:.0f}s")
 
 
+def session_workers(proc) -> list[int]:
+    """Pids of the Ray Train workers of the local Ray instance that `proc` started (its session)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(p.info["pid"]) == proc.pid and "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return sorted(pids)
+
+
+def losses(uri: str, run_id: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")}
+
+
+def wait_for_step(uri: str, run_id: str, step: int, proc, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if max(losses(uri, run_id), default=0) >= step:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before step {step}")
+        time.sleep(0.2)
+    raise AssertionError(f"no step {step} after {timeout:.0f}s")
+
+
 def train_workers(dashboard_url: str, state: str | None = "ALIVE") -> list:
     """Ray Train worker actors of the cluster, from Ray's state API."""
     from ray.util.state import list_actors
