@@ -24,7 +24,7 @@ import signal
 import threading
 from typing import Any
 
-STOP_POLL_S = 2.0  # rank 0 looks for the driver's stop request at most this often
+STOP_POLL_S = 1.0  # rank 0 looks for the driver's stop request at most this often
 
 _terminated = threading.Event()  # set by our SIGTERM handler (same process, any thread reads it)
 _active = threading.Event()  # a training loop runs in this process: SIGTERM means "checkpoint, stop"
