@@ -134,7 +134,7 @@ class TrainConfig:
     gamma: float = 0.5
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     ema: float = 0.0  # EMA decay of weights; 0 = off (BasicSR uses 0.999)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # auto: bf16 on a GPU that has it
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # bf16 on a GPU that has it, else fp32 (silently)
     compile: bool = False  # torch.compile the model (falls back to eager, with a warning, without a compiler)
     seed: int = 1
     max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the job stops

@@ -169,3 +169,22 @@ def test_channels_last_model_gives_the_same_step():
     torch.nn.functional.l1_loss(out_b, hr).backward()
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa.grad, pb.grad, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_without_a_compiler_runs_eagerly_with_one_warning(tmp_path: Path, monkeypatch, capsys):
+    import torch._inductor.config as inductor
+
+    from pipeline.train.loop import Worker
+    from pipeline.train.setup import compiled
+
+    class Cfg:
+        compile = True
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # nothing compiled before is reused
+    model = torch.nn.Linear(2, 2)
+    with inductor.patch({"cpp.cxx": (None, str(tmp_path / "no-such-compiler")), "fx_graph_cache": False}):
+        out = compiled(model, Worker(Cfg(), None, 0, 1, torch.device("cpu"), 2))
+    assert out is model
+    err = capsys.readouterr().err
+    assert err.count("warning:") == 1 and "--compile: torch.compile cannot run on every worker" in err
+    assert "training runs eagerly" in err

@@ -37,7 +37,7 @@ def train_cmd(
     loader_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per worker.")] = None,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, e.g. 0.999 (0 = off).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm (0 = off).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on a GPU that supports it; autocast on GPU only).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (autocast on GPU only).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     val_every: Annotated[Optional[int], typer.Option(help="Validate on the small fixed subset every N steps (0 = at every epoch end).")] = None,
     val_subset: Annotated[Optional[int], typer.Option(help="Images in the validation subset (default 10; --val-data is the subset).")] = None,
