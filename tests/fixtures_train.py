@@ -121,15 +121,22 @@ def losses(uri: str, run_id: str) -> dict[int, float]:
     return {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")}
 
 
-def wait_for_step(uri: str, run_id: str, step: int, proc, timeout: float = 240) -> None:
+def checkpoint_dirs(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+
+
+def wait_for_new_checkpoint_dir(run_dir: Path, proc: subprocess.Popen, known: set[str] = frozenset(),
+                                timeout: float = 240) -> None:
+    """Until a checkpoint folder not in `known` exists in the run's storage (written, maybe not
+    registered yet: a cheap signal that training is under way, for stopping it mid-run)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if max(losses(uri, run_id), default=0) >= step:
+        if checkpoint_dirs(run_dir) - set(known):
             return
         if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before step {step}")
-        time.sleep(0.2)
-    raise AssertionError(f"no step {step} after {timeout:.0f}s")
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before a new checkpoint folder")
+        time.sleep(0.05)
+    raise AssertionError(f"no new checkpoint folder in {run_dir} after {timeout:.0f}s")
 
 
 def train_workers(dashboard_url: str, state: str | None = "ALIVE") -> list:

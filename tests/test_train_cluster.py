@@ -30,7 +30,7 @@ from fixtures_train import (
     train_workers,
     valid_pairs,
     wait_for_checkpoint,
-    wait_for_step,
+    wait_for_new_checkpoint_dir,
 )
 from helpers import run_cli, stop_session
 
@@ -232,10 +232,7 @@ def test_sigterm_to_a_worker_checkpoints_and_the_same_run_name_continues(train_s
     uri = defaults.default_tracking_uri()
     proc = start_cli(args, tmp_path / "first.log")
     try:
-        while not runs_named(uri, "train-again", "again") and proc.poll() is None:
-            time.sleep(0.2)
-        run_id = runs_named(uri, "train-again", "again")[0].info.run_id
-        wait_for_step(uri, run_id, 4, proc)
+        wait_for_new_checkpoint_dir(store / "again", proc)
         victims = session_workers(proc)
         assert len(victims) == 2, victims
         os.kill(victims[0], signal.SIGTERM)  # one worker only: the ranks agree to stop together
@@ -249,6 +246,7 @@ def test_sigterm_to_a_worker_checkpoints_and_the_same_run_name_continues(train_s
     stopped_at = int(last.split("checkpoint written at step ")[1].split()[0].rstrip(";"))
     runs = runs_named(uri, "train-again", "again")
     assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    run_id = runs[0].info.run_id
     steps_before = metric_steps(uri, run_id, "train/loss")
     assert steps_before[-1] == stopped_at < 64
     assert max(int(c["metrics"]["step"]) for c in registered_checkpoints(store / "again")) == stopped_at

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 from fixtures_train import (
+    checkpoint_dirs,
     losses,
     registered_checkpoints,
     runs_named,
@@ -23,7 +23,7 @@ from fixtures_train import (
     start_cli,
     tiny_args,
     train_shards,  # noqa: F401 - fixture
-    wait_for_step,
+    wait_for_new_checkpoint_dir,
 )
 from helpers import run_cli, stop_session
 
@@ -53,9 +53,7 @@ def test_ctrl_c_and_a_killed_worker_resume_bit_for_bit(train_shards, tmp_path): 
     args = tiny_args(train_shards, store, epochs=2, iters=32, extra=(*common, "--run-name", "cut"))
     first = start_cli(args, tmp_path / "first.log")
     try:
-        while not runs_named(uri, "train-exact", "cut") and first.poll() is None:
-            time.sleep(0.2)
-        wait_for_step(uri, runs_named(uri, "train-exact", "cut")[0].info.run_id, 4, first)
+        wait_for_new_checkpoint_dir(store / "cut", first)
         first.send_signal(signal.SIGINT)
         rc = first.wait(180)
     finally:
@@ -71,7 +69,7 @@ def test_ctrl_c_and_a_killed_worker_resume_bit_for_bit(train_shards, tmp_path): 
 
     second = start_cli(args, tmp_path / "second.log")
     try:
-        wait_for_step(uri, run.info.run_id, stopped_at + 4, second)
+        wait_for_new_checkpoint_dir(store / "cut", second, known=checkpoint_dirs(store / "cut"))
         victims = session_workers(second)
         assert len(victims) == 2, victims
         os.kill(victims[-1], signal.SIGKILL)
