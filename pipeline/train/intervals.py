@@ -49,7 +49,7 @@ def log_point(w: Worker, parts, window, timer, interval: Interval, progress, sto
     steps = max(interval.steps, 1)
     progress.skipped_steps += round(skipped)
     metrics = {
-        "train/loss": loss_sum / (cfg.batch_size * steps),
+        "train/loss": loss_sum / (cfg.batch_size * good) if good else float("nan"),  # steps taken
         "train/grad_norm": norm_sum / good if good else float("nan"),
         "train/lr": parts.optimizer.param_groups[0]["lr"],
         "train/samples_per_s": cfg.batch_size * steps / elapsed,

@@ -118,7 +118,7 @@ class Window:
 
     def add(self, loss_sum: torch.Tensor, norm: torch.Tensor, found_inf: torch.Tensor) -> None:
         ok = 1.0 - found_inf.double()
-        self.loss_sum += loss_sum.double()  # this rank's sum over its samples (non-finite included)
+        self.loss_sum += torch.where(ok > 0, loss_sum.double(), 0.0)  # this rank's samples, steps taken only
         self.norm_sum += torch.where(ok > 0, norm.double(), 0.0)
         self.good += ok
         self.skipped += found_inf.double()
