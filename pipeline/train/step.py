@@ -31,6 +31,7 @@ non-finite either way); ``max_bad_steps`` bounds skipped steps in a row.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,8 +86,6 @@ class Timer:
             event.record()
             self._marks.append(event)
         else:
-            import time
-
             self._marks.append(time.perf_counter())
 
     def end_step(self) -> None:
