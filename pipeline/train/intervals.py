@@ -79,7 +79,7 @@ def log_point(w: Worker, parts, window, timer, interval: Interval, progress, sto
         return "fail"
     if asked or term:
         if w.rank == 0:
-            why = "on request (Ctrl-C)" if asked else "on SIGTERM to a worker"
+            why = "on the driver's request (Ctrl-C or SIGTERM)" if asked else "on SIGTERM to a worker"
             say(f"stopping {why} after step {progress.step}: writing a checkpoint")
             if term and not asked:
                 from pipeline.train import storage
