@@ -134,13 +134,19 @@ class TrainConfig:
     gamma: float = 0.5
     grad_clip: float = 0.0  # max global grad norm; 0 = off
     ema: float = 0.0  # EMA decay of weights; 0 = off (BasicSR uses 0.999)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"  # auto: bf16 on a GPU that has it
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # bf16 on a GPU that has it, else fp32 (silently)
+    compile: bool = False  # torch.compile the model (falls back to eager, with a warning, without a compiler)
     seed: int = 1
-    max_bad_steps: int = 5  # consecutive non-finite losses before the job stops
-    log_every: int = 50  # steps between metric points
-    # validation
-    val_every: int = 1  # epochs
-    val_max_images: int = 0  # 0 = all
+    max_bad_steps: int = 5  # consecutive skipped (non-finite) steps before the job stops
+    log_every: int = 50  # steps between metric points (where the workers read device values and agree)
+    # checkpoints: every N steps (0 = auto: about checkpoint_minutes of training, measured)
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 5.0
+    # validation, every N steps: a small fixed subset often, the whole valid set rarely and at the end
+    val_every: int = 0  # steps between subset validations; 0 = at every epoch end
+    val_subset: int = 10  # images of the subset (the --val-data folder, when given, is the subset)
+    val_full_every: int = 0  # steps between whole-set validations; 0 = only at the end
+    val_max_images: int = 0  # cap of the whole set; 0 = all
     hash_seed: int = 0
     # scaling (Ray Train ScalingConfig)
     workers: int = 1
@@ -164,9 +170,18 @@ class TrainConfig:
         if self.preset not in PRESETS:
             raise ConfigError(f"unknown preset {self.preset!r} (choose from {', '.join(PRESETS)})")
         self.model.validate()
-        for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_every",
-                     "log_every", "patches_per_sample", "shuffle_buffer", "max_bad_steps", "dist_timeout_s"):
+        for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_subset",
+                     "log_every", "patches_per_sample", "shuffle_buffer", "max_bad_steps", "dist_timeout_s",
+                     "checkpoint_minutes"):
             _positive(getattr(self, name), name)
+        for name in ("val_every", "val_full_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0 (0 = the default schedule), got {getattr(self, name)}")
+        if self.checkpoint_every % self.log_every:
+            # a resumed run must restart at a log point, or its first metric window differs
+            raise ConfigError(
+                f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})"
+            )
         if self.loader_workers < 0:
             raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
         if self.patch_size % self.model.scale:

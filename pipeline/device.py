@@ -52,6 +52,10 @@ def _usable(device: torch.device, precision: str) -> str | None:
         return f"--precision {precision} needs a CUDA GPU"
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         return "this GPU does not support bf16"
+    if precision == "fp16" and torch.cuda.get_device_capability(device) < (5, 3):
+        # half arithmetic needs compute capability 5.3 (Maxwell GM20B and every GPU since Pascal)
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"this GPU (compute capability {major}.{minor}) does not support fp16"
     return None
 
 

@@ -101,6 +101,44 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
     raise AssertionError(f"no checkpoint {count} in {run_dir} after {timeout:.0f}s")
 
 
+def session_workers(proc) -> list[int]:
+    """Pids of the Ray Train workers of the local Ray instance that `proc` started (its session)."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if os.getsid(p.info["pid"]) == proc.pid and "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                pids.append(p.info["pid"])
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            continue
+    return sorted(pids)
+
+
+def losses(uri: str, run_id: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    return {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")}
+
+
+def checkpoint_dirs(run_dir: Path) -> set[str]:
+    return {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
+
+
+def wait_for_new_checkpoint_dir(run_dir: Path, proc: subprocess.Popen, known: set[str] = frozenset(),
+                                timeout: float = 240) -> None:
+    """Until a checkpoint folder not in `known` exists in the run's storage (written, maybe not
+    registered yet: a cheap signal that training is under way, for stopping it mid-run)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if checkpoint_dirs(run_dir) - set(known):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before a new checkpoint folder")
+        time.sleep(0.05)
+    raise AssertionError(f"no new checkpoint folder in {run_dir} after {timeout:.0f}s")
+
+
 def train_workers(dashboard_url: str, state: str | None = "ALIVE") -> list:
     """Ray Train worker actors of the cluster, from Ray's state API."""
     from ray.util.state import list_actors

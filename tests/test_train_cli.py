@@ -29,6 +29,8 @@ def test_bad_values_are_named(train_shards):  # noqa: F811
     assert "larger than the shards' sub-images (48 px)" in line
     line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--val-data", "/no/such/dir"))
     assert "/no/such/dir" in line
+    line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--checkpoint-every", "7"))
+    assert "checkpoint_every (7) must be a multiple of log_every (5)" in line
 
 
 def test_unreachable_tracking_server_fails_fast(train_shards):  # noqa: F811

@@ -7,6 +7,7 @@ Every job here trains the tiny preset for a few dozen steps on CPU, with 2 worke
 from __future__ import annotations
 
 import os
+import re
 import signal
 import statistics
 import time
@@ -19,7 +20,9 @@ from fixtures_train import (
     cluster_args,
     mean_psnr,
     metric_steps,
+    registered_checkpoints,
     runs_named,
+    session_workers,
     start_cli,
     state_digest,
     tiny_args,
@@ -27,6 +30,7 @@ from fixtures_train import (
     train_workers,
     valid_pairs,
     wait_for_checkpoint,
+    wait_for_new_checkpoint_dir,
 )
 from helpers import run_cli, stop_session
 
@@ -54,7 +58,7 @@ def test_two_node_job_trains_and_tracks_everything(ray_cluster, mlflow_server, t
     uri_with_credentials = mlflow_server.uri.replace("http://", f"http://alice:{secret}@")
     args = tiny_args(train_shards, store, epochs=3, iters=8,
                      extra=(*cluster_args(ray_cluster, uri_with_credentials), "--experiment", "train-short",
-                            "--run-name", "short", "--precision", "bf16"))
+                            "--run-name", "short", "--precision", "bf16", "--checkpoint-every", "8"))
     proc = start_cli(args, tmp_path / "train.log")
     nodes_seen: set[str] = set()
     while proc.poll() is None:  # independent of our own tag: where Ray placed the workers
@@ -84,12 +88,17 @@ def test_two_node_job_trains_and_tracks_everything(ray_cluster, mlflow_server, t
     assert statistics.mean(loss[-3:]) < 0.8 * statistics.mean(loss[:3]), loss
     spread = client.get_metric_history(run_id, "train/param_spread")
     assert [m.step for m in spread] == [8, 16, 24] and all(m.value == 0.0 for m in spread)
-    for key in ("train/lr", "train/samples_per_s", "train/data_wait"):
+    for key in ("train/lr", "train/samples_per_s", "train/data_wait", "train/grad_norm", "train/time_fwd_bwd",
+                "train/time_optimizer", "train/step_time"):
         values = [m.value for m in client.get_metric_history(run_id, key)]
         assert len(values) == 12 and all(v >= 0 for v in values), key
     assert all(0 <= m.value <= 1 for m in client.get_metric_history(run_id, "train/data_wait"))
     psnr = client.get_metric_history(run_id, "val/psnr")
     assert [m.step for m in psnr] == [8, 16, 24] and all(5 < m.value < 60 for m in psnr)
+    # 3 valid images: the subset is the whole set, so the final pass is both series
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "val_full/psnr")] == [(24, psnr[-1].value)]
+    share = client.get_metric_history(run_id, "train/val_share")
+    assert [m.step for m in share] == [8, 16, 24] and all(0 < m.value < 10 for m in share)
 
     # artifacts: a comparison image per validation, the best model in both formats
     images = [a.path for a in client.list_artifacts(run_id, "validation")]
@@ -149,7 +158,8 @@ def test_killed_worker_restarts_from_checkpoint_in_the_same_run(ray_cluster, mlf
     # 2 loader workers per rank: 4 streams over 3 shards, the sample-level split
     args = tiny_args(train_shards, store, epochs=4, iters=8,
                      extra=(*cluster_args(ray_cluster, mlflow_server.uri), "--experiment", "train-kill",
-                            "--run-name", "kill", "--max-failures", "1", "--loader-workers", "2"))
+                            "--run-name", "kill", "--max-failures", "1", "--loader-workers", "2",
+                            "--checkpoint-every", "8"))
     proc = start_cli(args, tmp_path / "train.log")
     try:
         wait_for_checkpoint(store / "kill", proc)
@@ -201,52 +211,60 @@ def test_non_finite_losses_stop_the_job_with_a_clear_error(ray_cluster, mlflow_s
     proc = run_cli(*args, timeout=300)
     assert proc.returncode == 1, proc.stderr[-3000:]
     last = proc.stderr.strip().splitlines()[-1]
-    assert "training stopped: 3 non-finite losses in a row (last at step" in last and "run nan" in last
+    assert re.search(r"training stopped: \d+ non-finite losses in a row \(by step \d+", last), last
+    assert int(last.split("training stopped: ")[1].split()[0]) >= 3 and "run nan" in last
     run = runs_named(mlflow_server.uri, "train-nan", "nan")[0]
     assert run.info.status == "FAILED"
     assert "resumed from checkpoint" not in proc.stderr  # stopped, not retried by Ray
 
 
-def test_ctrl_c_stops_cleanly_and_the_same_run_name_continues(train_shards, tmp_path):  # noqa: F811
-    """Local Ray instance (no --address), default MLflow store under SR_PIPELINE_HOME."""
+def test_sigterm_to_a_worker_checkpoints_and_the_same_run_name_continues(train_shards, tmp_path):  # noqa: F811
+    """Local Ray instance (no --address), default MLflow store under SR_PIPELINE_HOME. (Ctrl-C
+    in the driver: tests/test_train_resume.py.)"""
     from mlflow.tracking import MlflowClient
 
     from pipeline import defaults
 
     store = tmp_path / "store"
-    args = tiny_args(train_shards, store, epochs=4, iters=8,
+    args = tiny_args(train_shards, store, epochs=4, iters=16,
                      extra=("--cpus-per-worker", "0.5", "--run-name", "again", "--experiment", "train-again",
-                            "--ema", "0.9"))
+                            "--ema", "0.9", "--checkpoint-every", "8"))
+    uri = defaults.default_tracking_uri()
     proc = start_cli(args, tmp_path / "first.log")
     try:
-        wait_for_checkpoint(store / "again", proc)
-        proc.send_signal(signal.SIGINT)
+        wait_for_new_checkpoint_dir(store / "again", proc)
+        victims = session_workers(proc)
+        assert len(victims) == 2, victims
+        os.kill(victims[0], signal.SIGTERM)  # one worker only: the ranks agree to stop together
         rc = _finish(proc, timeout=120)
     finally:
         stop_session(proc)
     first = (tmp_path / "first.log").read_text()
-    assert rc == 130, first[-3000:]
-    assert "continue with: sr-pipeline train ... --run-name again" in first
-    uri = defaults.default_tracking_uri()
+    assert rc == 1, first[-3000:]
+    last = first.strip().splitlines()[-1]
+    assert "training stopped: a worker received SIGTERM; checkpoint written at step" in last and "run again" in last
+    stopped_at = int(last.split("checkpoint written at step ")[1].split()[0].rstrip(";"))
     runs = runs_named(uri, "train-again", "again")
-    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
     run_id = runs[0].info.run_id
     steps_before = metric_steps(uri, run_id, "train/loss")
-    assert steps_before and steps_before[-1] < 32
+    assert steps_before[-1] == stopped_at < 64
+    assert max(int(c["metrics"]["step"]) for c in registered_checkpoints(store / "again")) == stopped_at
 
     second = run_cli(*args, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "continuing run again" in second.stderr and "resumed from checkpoint at epoch" in second.stderr
+    assert "continuing run again" in second.stderr
+    assert f"resumed from checkpoint at epoch {stopped_at // 16}, step {stopped_at}" in second.stderr
     assert second.stdout.strip().splitlines()[-1] == run_id
     runs = runs_named(uri, "train-again", "again")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
-    assert metric_steps(uri, run_id, "train/loss") == list(range(2, 33, 2))
-    assert metric_steps(uri, run_id, "val/psnr") == [8, 16, 24, 32]
+    assert metric_steps(uri, run_id, "train/loss") == list(range(2, 65, 2))
+    assert metric_steps(uri, run_id, "val/psnr") == [16, 32, 48, 64]
     assert MlflowClient(uri).get_run(run_id).data.params["epochs"] == "4"
     # EMA weights travel with the checkpoint (and survived the restart)
     from pipeline.model import read_checkpoint
 
     last = sorted(p for p in (store / "again").glob("checkpoint_*") if p.is_dir())[-1]
     ckpt = read_checkpoint(last / "model.pt")
-    assert set(ckpt["ema_state_dict"]) == set(ckpt["state_dict"]) and ckpt["step"] == 32
+    assert set(ckpt["ema_state_dict"]) == set(ckpt["state_dict"]) and ckpt["step"] == 64
     assert any(not torch.equal(ckpt["ema_state_dict"][k], v) for k, v in ckpt["state_dict"].items())

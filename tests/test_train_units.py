@@ -344,3 +344,35 @@ def test_local_storage_is_prepared_or_refused_in_one_line(tmp_path: Path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match=f"--storage-path {tmp_path / 'file' / 'runs'}: cannot create or write it"):
         storage.prepare_local(str(tmp_path / "file" / "runs"))
+
+
+# ---------------------------------------------------------------------------------------------
+# intervals: every number counts steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_interval_options_count_steps_and_are_checked():
+    from pipeline.config import ConfigError
+
+    cfg = load_config(TrainConfig, preset="tiny")
+    assert (cfg.checkpoint_every, cfg.val_every, cfg.val_full_every, cfg.val_subset) == (0, 0, 0, 10)
+    with pytest.raises(ConfigError, match=r"checkpoint_every \(7\) must be a multiple of log_every \(5\)"):
+        load_config(TrainConfig, preset="tiny", overrides={"checkpoint_every": 7})
+    with pytest.raises(ConfigError, match="val_full_every must be >= 0"):
+        load_config(TrainConfig, overrides={"val_full_every": -1})
+
+
+def test_validation_plan_subset_often_whole_set_rarely():
+    from pipeline.train.validation import ValPlan
+
+    cfg = load_config(TrainConfig, overrides={"epochs": 3, "iters_per_epoch": 10, "val_full_every": 20})
+    plan = ValPlan.from_config(cfg, val_count=100, folder=False)
+    assert (plan.subset_images, plan.full_images, plan.subset_is_full) == (10, 0, False)
+    due = {s: plan.due(s) for s in range(1, 31) if any(plan.due(s))}
+    assert due == {10: (True, False), 20: (True, True), 30: (True, True)}  # epoch ends; full at 20 and the end
+    cfg = load_config(TrainConfig, overrides={"epochs": 1, "iters_per_epoch": 10, "val_every": 4, "val_max_images": 6})
+    plan = ValPlan.from_config(cfg, val_count=100, folder=False)
+    assert (plan.subset_images, plan.full_images, plan.subset_is_full) == (6, 6, True)
+    assert [s for s in range(1, 11) if any(plan.due(s))] == [4, 8, 10]
+    folder = ValPlan.from_config(load_config(TrainConfig), val_count=5, folder=True)
+    assert folder.subset_is_full and folder.subset_images == 0  # the whole folder

@@ -37,9 +37,13 @@ def train_cmd(
     loader_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per worker.")] = None,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, e.g. 0.999 (0 = off).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm (0 = off).")] = None,
-    precision: Annotated[Optional[str], typer.Option(help="fp32 | bf16 | fp16 | auto (bf16 on a GPU that supports it; autocast on GPU only).")] = None,
+    precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (autocast on GPU only).")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
-    val_every: Annotated[Optional[int], typer.Option(help="Validate every N epochs.")] = None,
+    val_every: Annotated[Optional[int], typer.Option(help="Validate on the small fixed subset every N steps (0 = at every epoch end).")] = None,
+    val_subset: Annotated[Optional[int], typer.Option(help="Images in the validation subset (default 10; --val-data is the subset).")] = None,
+    val_full_every: Annotated[Optional[int], typer.Option(help="Validate on the whole valid set every N steps (0 = only at the end).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps, a multiple of log_every (0 = about checkpoint_minutes, 5, of training).")] = None,
+    compile_: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model (eager, with a warning, where no compiler runs).")] = None,
     val_data: Annotated[Optional[str], typer.Option(help="Validate on a folder of HR images (e.g. Set5/HR) instead of the valid shards.")] = None,
     val_shards: Annotated[Optional[str], typer.Option(help="Shard folder whose valid split is used for validation.")] = None,
     val_max_images: Annotated[Optional[int], typer.Option(help="Validate on at most N images (0 = all).")] = None,
@@ -57,7 +61,7 @@ def train_cmd(
 ) -> None:
     """Train DNLAN with Ray Train (DDP) on WebDataset shards, tracked in MLflow.
 
-    Rerunning with the same --run-name continues that run from its last checkpoint, in the same MLflow run. Ctrl-C stops after the current step and keeps the last checkpoint.
+    Rerunning with the same --run-name continues that run from its last checkpoint, in the same MLflow run. Ctrl-C (or SIGTERM to a worker) stops at the next log point and writes a checkpoint there.
 
     val/psnr is measured on the valid shards, whose images preprocess cropped to a multiple of 12; `evaluate` crops to a multiple of the scale, so its PSNR can differ slightly.
     """
@@ -70,6 +74,8 @@ def train_cmd(
         "iters_per_epoch": iters_per_epoch, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
         "patch_size": patch_size, "loader_workers": loader_workers, "ema": ema, "grad_clip": grad_clip,
         "precision": precision, "seed": seed, "val_every": val_every, "val_data": val_data,
+        "val_subset": val_subset, "val_full_every": val_full_every, "checkpoint_every": checkpoint_every,
+        "compile": compile_,
         "val_shards": val_shards, "val_max_images": val_max_images, "storage_path": storage_path,
         "run_name": run_name, "max_failures": max_failures, "keep_checkpoints": keep_checkpoints,
         "experiment": experiment, "tracking_uri": tracking_uri, "register_model": register,

@@ -70,3 +70,45 @@ def validate(
     finally:
         model.train(was_training)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Which images, when (issue 12: cheap validation)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ValPlan:
+    """The two validation sets of a run and the steps they run at (every number is a step).
+
+    * **subset**: a small fixed set (the first ``val_subset`` valid images, or the whole
+      ``--val-data`` folder), scored every ``val_every`` steps (0: at every epoch end). Its
+      PSNR is ``val/psnr``, the series the best model is chosen on: cheap enough to run often,
+      and always the same images, so two points compare weights, not image sets.
+    * **full**: the whole valid set (capped by ``val_max_images``), every ``val_full_every``
+      steps (0: never during training) and always at the last step, as ``val_full/psnr``.
+      When the subset already is the whole set, one pass gives both.
+    """
+
+    subset_images: int  # 0 = the whole folder / set
+    full_images: int  # 0 = all
+    subset_is_full: bool
+    every: int
+    full_every: int
+    total_steps: int
+
+    @classmethod
+    def from_config(cls, cfg, val_count: int, folder: bool) -> ValPlan:
+        total = cfg.epochs * cfg.iters_per_epoch
+        every = cfg.val_every or cfg.iters_per_epoch
+        full_cap = cfg.val_max_images or 0
+        if folder:  # the folder is the subset and the whole set at once
+            return cls(full_cap, full_cap, True, every, cfg.val_full_every, total)
+        subset = min(cfg.val_subset, full_cap) if full_cap else cfg.val_subset
+        whole = min(val_count, full_cap) if full_cap else val_count
+        return cls(subset, full_cap, subset >= whole, every, cfg.val_full_every, total)
+
+    def due(self, step: int) -> tuple[bool, bool]:
+        """(subset, full) due after `step`; the last step runs both."""
+        last = step == self.total_steps
+        return last or step % self.every == 0, last or bool(self.full_every and step % self.full_every == 0)
