@@ -1,25 +1,32 @@
-"""GPU benchmark of DNLAN (issue 14): training step, fused attention, tiled inference, CPU/GPU agreement.
+"""GPU benchmark of DNLAN (issue 14): training step, fused attention, tiled inference, profile, CPU/GPU agreement.
 
 Runs with torch, numpy and pillow alone (no Ray, MLflow or WebDataset anywhere in its import
-chain), so it runs on a bare CUDA machine with a copy of the repository. Sections, each with
-its own time budget so the whole run stays within 8 minutes on one H100/H200:
+chain), so it runs on a bare CUDA machine with a copy of the repository. One total time budget
+(``--budget``, default 290 s: the whole run stays within about 5.5 minutes on one H100/H200),
+and a share of it per section; results are written after every section:
 
 1. **train**: the paper model's training step at global batch 16, HR patch 96, x2/x3/x4 -
-   patches/s, MFU (FLOPs counted by pipeline.model.flops), peak GPU memory - for
-   ``fp32 baseline`` (the code before issue 14: blocked attention, plain Adam, fp32, no cuDNN
-   autotuning),
-   ``fp32`` (fused SDPA attention, fused Adam), ``bf16``, ``bf16 + channels_last`` and
-   ``bf16 + channels_last + compile``. The step is the loop's pieces (model, autocast from
-   pipeline.device, L1 loss on the float32 output, Adam with the loop's hyper-parameters),
-   minus data loading and logging; the non-compiled variants of every scale run before any
-   compile, and compiles run while the section's budget lasts.
+   patches/s, forward+backward and optimizer time, MFU (FLOPs counted by
+   pipeline.model.flops), peak GPU memory. The step is the loop's own
+   (:func:`pipeline.train.step.train_step` with its StepParts, Window and Timer, the loop's
+   optimizer and hyper-parameters), minus data loading, DDP and logging. Variants:
+   ``fp32 baseline`` (the code before issue 14: blocked attention, plain Adam, no cuDNN
+   autotuning), ``fp32`` (the model's automatic attention path, fused Adam, autotuning),
+   ``bf16``, ``bf16 + channels_last``.
 2. **attention**: one paper-width DNLA layer (192 channels, the x2 training shape) forward and
-   backward: the fast path against the step-by-step oracle (tests/dnla_oracle.py): speed
-   ratio and max difference.
+   backward, each path (blocked, SDPA) in fp32 and under bf16 autocast, against the
+   step-by-step oracle (tests/dnla_oracle.py), and whether the automatic choice picked the
+   faster path for each precision.
 3. **inference**: output Mpx/s of overlap-tiled inference (tile 192, overlap 16, fixed hash)
-   of a DIV2K-sized LR image, fp32 one tile at a time vs bf16 batched tiles.
+   of a DIV2K-sized LR image, fp32 one tile at a time vs bf16 batched tiles; peak memory of
+   the first call (cuDNN autotuning) and of the calls after it.
 4. **agreement**: fixed-hash outputs on CPU and GPU for one real image (``--image``, e.g. a
    Set5 HR image): max difference of the float outputs and PSNR (Y, shaved) difference.
+5. **profile**: torch.profiler over a few bf16 + channels_last x2 steps: the top CUDA kernels
+   by total time, with their share.
+6. **compile**: ``bf16 + channels_last + compile`` for x2, then x3/x4 while the total budget
+   lasts (each compile is estimated from the one before it); last, so a slow compile never
+   costs the other sections.
 
 ``--device cpu --quick`` runs every section at toy sizes (tiny model) to prove the script;
 CI runs it. Results: a markdown table on stdout and, with ``--out DIR``, ``DIR/gpu.md`` and
@@ -30,12 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
-import json
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,28 +46,40 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the oracle lives with the tests
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from gpu_report import fmt, machine, markdown, write_outputs  # noqa: E402
 
 GLOBAL_BATCH = 16
 HR_PATCH = 96
-# (name, precision, SDPA attention + fused Adam, channels_last, compile)
+# (name, precision, fast: automatic attention path + fused Adam + cuDNN autotuning, channels_last, compile)
 VARIANTS = (
     ("fp32 baseline", "fp32", False, False, False),
     ("fp32", "fp32", True, False, False),
     ("bf16", "bf16", True, False, False),
     ("bf16 + channels_last", "bf16", True, True, False),
-    ("bf16 + channels_last + compile", "bf16", True, True, True),
 )
-BUDGET_S = {"train": 300.0, "attention": 45.0, "inference": 45.0, "agreement": 50.0}
+COMPILED = ("bf16 + channels_last + compile", "bf16", True, True, True)
+TOTAL_BUDGET_S = 290.0
+# most seconds each eager section may take (they also stop at the total budget's end)
+BUDGET_S = {"train": 120.0, "attention": 45.0, "inference": 40.0, "agreement": 40.0, "profile": 20.0}
+FIRST_COMPILE_S = 100.0  # seconds a first compile (and its timing) must have left to start
 
 
-class Section:
-    """A time budget: ``left()`` seconds remain; callers skip work that would not fit."""
+class Budget:
+    """The run's deadline; ``section(s)`` is a deadline ``s`` seconds away, capped by the run's."""
 
     def __init__(self, seconds: float, quick: bool) -> None:
         self.end = time.monotonic() + (seconds if not quick else 1e9)
+        self.quick = quick
 
     def left(self) -> float:
         return self.end - time.monotonic()
+
+    def section(self, seconds: float) -> Budget:
+        sub = Budget(0, self.quick)
+        sub.end = min(self.end, time.monotonic() + (seconds if not self.quick else 1e9))
+        return sub
 
 
 def sync(device) -> None:
@@ -110,123 +124,166 @@ def sdpa_mode(mode: str) -> None:
     attention.SDPA_MODE = mode
 
 
-def fmt(value, spec: str = ".1f", none: str = "n/a") -> str:
-    return none if value is None else format(value, spec)
+def error_text(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 # ---------------------------------------------------------------------------------------------
-# 1. training step
+# 1. training step (and 6. its compiled variant)
 # ---------------------------------------------------------------------------------------------
 
 
 def make_train_step(cfg, device, precision: str, fast: bool, channels_last: bool, compiled: bool,
                     batch: int, hr_patch: int):
-    """One training step as the loop runs it (model, autocast, L1 on float32, Adam)."""
+    """The loop's training step (pipeline.train.step) on one device, with random patches.
+
+    Returns ``(step, timer)``: ``step()`` runs one step; ``timer.read()`` gives the summed
+    forward+backward and optimizer seconds since the last read (after a synchronisation)."""
     import torch
-    import torch.nn.functional as F
 
     from pipeline.config import TrainConfig
-    from pipeline.device import autocast
     from pipeline.model import build_from_config
+    from pipeline.train.step import StepParts, Timer, Window, build_optimizer, train_step
 
     torch.manual_seed(0)
-    model = build_from_config(cfg).to(device).train()
-    fmt_ = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt_)
     train = TrainConfig()
+    fmt_ = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_from_config(cfg).to(device, memory_format=fmt_).train()
+    ema = None
+    if train.ema > 0:
+        ema = build_from_config(cfg).to(device, memory_format=fmt_)
+        ema.load_state_dict(model.state_dict())
+        ema.requires_grad_(False)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    fused = {"fused": True} if fast and device.type == "cuda" else {}
-    optimizer = torch.optim.Adam(trainable, lr=train.lr, betas=tuple(train.betas), eps=train.eps,
-                                 weight_decay=train.weight_decay, **fused)
-    net = torch.compile(model) if compiled else model
+    hyper = {"lr": train.lr, "betas": tuple(train.betas), "eps": train.eps, "weight_decay": train.weight_decay}
+    # the loop's optimizer (fused on CUDA); the baseline is the plain Adam of the code before issue 14
+    optimizer = build_optimizer(trainable, device, **hyper) if fast else torch.optim.Adam(trainable, **hyper)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda" and precision == "fp16")
+    parts = StepParts(
+        model=model, net=torch.compile(model) if compiled else model, optimizer=optimizer, scaler=scaler,
+        ema=ema, ema_decay=train.ema, grad_clip=train.grad_clip, precision=precision, device=device,
+        loss_weight=1.0, local_batch=batch, channels_last=channels_last, trainable=trainable,
+    )
+    window, timer = Window(device), Timer(device)
     lr_side = hr_patch // cfg.scale
-    lr_img = torch.rand(batch, 3, lr_side, lr_side, device=device).contiguous(memory_format=fmt_)
-    hr_img = torch.rand(batch, 3, hr_patch, hr_patch, device=device)
+    lr_img = torch.rand(batch, 3, lr_side, lr_side, device=device) * cfg.rgb_range
+    hr_img = torch.rand(batch, 3, hr_patch, hr_patch, device=device) * cfg.rgb_range
 
     def step():
-        with autocast(device, precision):
-            sr = net(lr_img)
-        loss = F.l1_loss(sr.float(), hr_img)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        train_step(parts, lr_img, hr_img, window, timer)
 
-    return step
+    return step, timer
 
 
-def bench_train(device, preset: str, scales: list[int], batch: int, hr_patch: int, quick: bool) -> list[dict]:
+def measure_train(row: dict, device, cfg, variant, batch: int, hr_patch: int, budget: Budget, quick: bool) -> None:
+    """Fill ``row`` with one variant's numbers (or its error)."""
     import torch
 
-    from pipeline.config import model_config
     from pipeline.model.flops import mfu, model_flops
 
-    section = Section(BUDGET_S["train"], quick)
-    rows: list[dict] = []
+    name, precision, fast, channels_last, compiled = variant
     cuda = device.type == "cuda"
-    variants = [v for v in VARIANTS if cuda or (v[1] == "fp32" and not v[3] and not v[4])]
-    # every scale's eager variants first, then the compiles while the budget lasts
-    plan = [(s, v) for s in scales for v in variants if not v[4]]
-    plan += [(s, v) for s in scales for v in variants if v[4]]
-    for scale, (name, precision, fast, channels_last, compiled) in plan:
-        cfg = model_config(preset, scale)
-        row = {"scale": scale, "variant": name, "batch": batch}
-        need = 150.0 if compiled else 15.0
-        if section.left() < need:
-            row["skipped"] = "time budget"
+    sdpa_mode("auto" if fast else "off")
+    if cuda:  # the baseline is the code before issue 14, which left cuDNN autotuning off
+        torch.backends.cudnn.benchmark = fast
+    try:
+        step, timer = make_train_step(cfg, device, precision, fast, channels_last, compiled, batch, hr_patch)
+        t0 = time.monotonic()
+        step()  # first call: compile, cuDNN autotune, lazy allocations
+        sync(device)
+        row["first_step_s"] = time.monotonic() - t0
+        for _ in range(1 if quick else 2):
+            step()  # warm-up (a compiled step may recompile once more)
+        sync(device)
+        timer.read()
+        reset_peak(device)
+        calls = [0]
+
+        def counted():
+            step()
+            calls[0] += 1
+
+        seconds = time_call(counted, device, warmup=0, iters=2 if quick else 10,
+                            budget=min(20.0, max(1.0, budget.left() - 5)))
+        fwd_bwd, opt = timer.read()
+        flops = model_flops(cfg, hr_patch, str(device)).train
+        row.update(patches_per_s=batch / seconds, step_ms=1000 * seconds, tflop_per_patch=flops / 1e12,
+                   fwd_bwd_ms=1000 * fwd_bwd / calls[0], optimizer_ms=1000 * opt / calls[0],
+                   mfu=mfu(batch / seconds, flops, device, precision), peak_gib=peak_gib(device))
+    except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
+        row["error"] = error_text(exc)
+    finally:
+        sdpa_mode("auto")
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    msg = row.get("error") or (f"{row['patches_per_s']:.1f} patches/s, MFU {fmt(row['mfu'], '.1%')}, "
+                               f"peak {fmt(row['peak_gib'], '.2f')} GiB, first step {row['first_step_s']:.1f} s")
+    print(f"  train x{row['scale']} {name}: {msg}", flush=True)
+
+
+def bench_train(device, preset: str, scales: list[int], batch: int, hr_patch: int, budget: Budget,
+                quick: bool) -> list[dict]:
+    from pipeline.config import model_config
+
+    cuda = device.type == "cuda"
+    variants = [v for v in VARIANTS if cuda or (v[1] == "fp32" and not v[3])]
+    rows: list[dict] = []
+    for scale in scales:
+        for variant in variants:
+            row = {"scale": scale, "variant": variant[0], "batch": batch}
             rows.append(row)
-            print(f"  train x{scale} {name}: skipped (time budget)", flush=True)
-            continue
-        sdpa_mode("on" if fast else "off")
-        if cuda:  # the baseline is the code before issue 14, which left cuDNN autotuning off
-            torch.backends.cudnn.benchmark = fast
-        try:
-            step = make_train_step(cfg, device, precision, fast, channels_last, compiled, batch, hr_patch)
-            t0 = time.monotonic()
-            step()  # first call: compile, cuDNN autotune, lazy allocations
-            sync(device)
-            row["first_step_s"] = time.monotonic() - t0
-            reset_peak(device)
-            seconds = time_call(step, device, warmup=1 if quick else 3, iters=2 if quick else 10,
-                                budget=min(20.0, max(1.0, section.left() - 5)))
-            flops = model_flops(cfg, hr_patch, str(device)).train
-            row["patches_per_s"] = batch / seconds
-            row["step_ms"] = 1000 * seconds
-            row["tflop_per_patch"] = flops / 1e12
-            row["mfu"] = mfu(batch / seconds, flops, device, precision)
-            row["peak_gib"] = peak_gib(device)
-        except Exception as exc:  # noqa: BLE001 - a failing variant is a result, not a crash
-            row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        finally:
-            sdpa_mode("auto")
-            if cuda:
-                torch.cuda.empty_cache()
-            torch._dynamo.reset()
+            if budget.left() < 10:
+                row["skipped"] = "time budget"
+                print(f"  train x{scale} {variant[0]}: skipped (time budget)", flush=True)
+                continue
+            measure_train(row, device, model_config(preset, scale), variant, batch, hr_patch, budget, quick)
+    return rows
+
+
+def bench_compile(device, preset: str, scales: list[int], batch: int, hr_patch: int, budget: Budget,
+                  quick: bool) -> list[dict]:
+    """The compiled step, x2 first; a further scale starts only when the time the previous
+    compile took (plus timing) still fits in what is left of the run's budget."""
+    from pipeline.config import model_config
+
+    rows: list[dict] = []
+    need = FIRST_COMPILE_S
+    for scale in scales:
+        row = {"scale": scale, "variant": COMPILED[0], "batch": batch}
         rows.append(row)
-        msg = row.get("error") or (f"{row['patches_per_s']:.1f} patches/s, MFU {fmt(row['mfu'], '.1%')}, "
-                                   f"peak {fmt(row['peak_gib'], '.2f')} GiB, first step {row['first_step_s']:.1f} s")
-        print(f"  train x{scale} {name}: {msg}", flush=True)
-    # speed-up against the baseline of the same scale
+        if device.type != "cuda":
+            row["skipped"] = "CUDA only (inductor's CPU build needs minutes here)"
+            continue
+        if budget.left() < need:
+            row["skipped"] = f"time budget ({budget.left():.0f} s left, about {need:.0f} s needed)"
+            print(f"  train x{scale} {COMPILED[0]}: skipped ({row['skipped']})", flush=True)
+            continue
+        measure_train(row, device, model_config(preset, scale), COMPILED, batch, hr_patch, budget, quick)
+        need = 1.2 * row.get("first_step_s", FIRST_COMPILE_S) + 20.0
+    return rows
+
+
+def add_baseline_ratios(rows: list[dict]) -> None:
     base = {r["scale"]: r.get("patches_per_s") for r in rows if r["variant"] == "fp32 baseline"}
     for r in rows:
         if r.get("patches_per_s") and base.get(r["scale"]):
             r["vs_baseline"] = r["patches_per_s"] / base[r["scale"]]
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
-# 2. attention: fast path vs oracle
+# 2. attention: each path in each precision vs the oracle
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_attention(device, feats: int, batch: int, side: int, quick: bool) -> list[dict]:
+def bench_attention(device, feats: int, batch: int, side: int, budget: Budget, quick: bool) -> tuple[list[dict], list[str]]:
     import torch
     from dnla_oracle import oracle_dnla
 
-    from pipeline.model import DecoupledNonLocalAttention
+    from pipeline.model import DecoupledNonLocalAttention, attention
     from pipeline.model.attention import hash_length
 
-    section = Section(BUDGET_S["attention"], quick)
     torch.manual_seed(0)
     layer = DecoupledNonLocalAttention(feats, 2, 3, 144, 7).to(device)
     layer.set_hash_mode("fixed", 5)
@@ -238,15 +295,20 @@ def bench_attention(device, feats: int, batch: int, side: int, quick: bool) -> l
         return oracle_dnla(x, layer.conv_match, layer.conv_assembly, projection, 144, layer.res_scale)[0]
 
     cuda = device.type == "cuda"
-    variants = [("oracle", oracle, None, "off"), ("fast, fp32", layer, None, "auto")]
-    if cuda:
-        variants += [("blocked (pre-SDPA), fp32", layer, None, "off"), ("fast, bf16", layer, torch.bfloat16, "auto")]
+    # (name, function, autocast dtype, SDPA mode, precision key)
+    variants = [("oracle", oracle, None, "off", None),
+                ("blocked, fp32", layer, None, "off", "fp32"), ("SDPA, fp32", layer, None, "on", "fp32")]
+    if cuda:  # CPU autocast bf16 is slow and not what the GPU choice is about
+        variants += [("blocked, bf16 autocast", layer, torch.bfloat16, "off", "bf16"),
+                     ("SDPA, bf16 autocast", layer, torch.bfloat16, "on", "bf16")]
     with torch.no_grad():
         reference = oracle(x)
     rows = []
-    for name, fn, dtype, mode in variants:
-        if section.left() < 3:
-            rows.append({"variant": name, "skipped": "time budget"})
+    for name, fn, dtype, mode, _key in variants:
+        row = {"variant": name, "path": "oracle" if fn is oracle else ("SDPA" if mode == "on" else "blocked")}
+        rows.append(row)
+        if budget.left() < 3:
+            row["skipped"] = "time budget"
             continue
         sdpa_mode(mode)
 
@@ -262,20 +324,38 @@ def bench_attention(device, feats: int, batch: int, side: int, quick: bool) -> l
         try:
             with torch.no_grad(), precision():
                 diff = float((fn(x).float() - reference).abs().max())
+            fwd_bwd()  # first call (cuDNN autotuning) outside the peak and the timing
+            sync(device)
             reset_peak(device)
             seconds = time_call(fwd_bwd, device, warmup=1, iters=3 if quick else 10,
-                                budget=min(10.0, section.left()))
-            rows.append({"variant": name, "ms": 1000 * seconds, "max_diff": diff, "peak_gib": peak_gib(device)})
+                                budget=min(10.0, budget.left()))
+            row.update(ms=1000 * seconds, max_diff=diff, peak_gib=peak_gib(device))
         except Exception as exc:  # noqa: BLE001
-            rows.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            row["error"] = error_text(exc)
         finally:
             sdpa_mode("auto")
-        print(f"  attention {name}: {rows[-1]}", flush=True)
+        print(f"  attention {name}: {row}", flush=True)
     oracle_ms = rows[0].get("ms")
     for r in rows:
         if r.get("ms") and oracle_ms:
             r["speedup_vs_oracle"] = oracle_ms / r["ms"]
-    return rows
+    # the automatic choice (SDPA_MODE auto) for each precision, against the measured winner
+    choice = []
+    by_name = {r["variant"]: r for r in rows}
+    for key, dtype in (("fp32", None), ("bf16", torch.bfloat16)):
+        blocked, fused = by_name.get(f"blocked, {key}" + (" autocast" if dtype else "")), \
+            by_name.get(f"SDPA, {key}" + (" autocast" if dtype else ""))
+        if not blocked or not fused:
+            continue
+        auto = "SDPA" if attention.uses_sdpa(device, dtype) else "blocked"
+        if blocked.get("ms") and fused.get("ms"):
+            faster = "SDPA" if fused["ms"] < blocked["ms"] else "blocked"
+            verdict = "right" if auto == faster else "WRONG: the other path is faster here"
+            choice.append(f"Automatic choice on {device.type}, {key}: {auto} (measured faster: {faster}, "
+                          f"{min(fused['ms'], blocked['ms']):.2f} vs {max(fused['ms'], blocked['ms']):.2f} ms) - {verdict}.")
+        else:
+            choice.append(f"Automatic choice on {device.type}, {key}: {auto} (not both paths measured).")
+    return rows, choice
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,13 +363,13 @@ def bench_attention(device, feats: int, batch: int, side: int, quick: bool) -> l
 # ---------------------------------------------------------------------------------------------
 
 
-def bench_inference(device, preset: str, lr_hw: tuple[int, int], tile: int, overlap: int, quick: bool) -> list[dict]:
+def bench_inference(device, preset: str, lr_hw: tuple[int, int], tile: int, overlap: int, budget: Budget,
+                    quick: bool) -> list[dict]:
     import torch
 
     from pipeline.evaluate.tiling import make_forward
     from pipeline.model import build_model, set_hash_mode
 
-    section = Section(BUDGET_S["inference"], quick)
     torch.manual_seed(0)
     model = set_hash_mode(build_model(preset, 2).to(device).eval(), "fixed", 0)
     lr = torch.rand(1, 3, *lr_hw, device=device)
@@ -300,20 +380,26 @@ def bench_inference(device, preset: str, lr_hw: tuple[int, int], tile: int, over
     rows = []
     outputs = {}
     for name, precision, batch_tiles in variants:
-        if section.left() < 5:
+        if budget.left() < 5:
             rows.append({"variant": name, "skipped": "time budget"})
             continue
         forward = make_forward(model, 2, tiling="overlap", tile=tile, overlap=overlap,
                                precision=precision, batch_tiles=batch_tiles)
         try:
+            # the first call autotunes cuDNN for each new shape; its workspaces are measured
+            # apart from the steady state (fp32 algorithm search reached 73 GiB on an H200)
+            reset_peak(device)
+            outputs[name] = forward(lr)
+            sync(device)
+            first_peak = peak_gib(device)
             reset_peak(device)
             seconds = time_call(lambda f=forward, n=name: outputs.__setitem__(n, f(lr)), device,
-                                warmup=1, iters=1 if quick else 3, budget=min(20.0, section.left()))
+                                warmup=0, iters=1 if quick else 3, budget=min(20.0, budget.left()))
             mpx = 4 * lr_hw[0] * lr_hw[1] / 1e6
             rows.append({"variant": name, "seconds": seconds, "mpx_per_s": mpx / seconds,
-                         "peak_gib": peak_gib(device)})
+                         "peak_gib": peak_gib(device), "first_call_peak_gib": first_peak})
         except Exception as exc:  # noqa: BLE001
-            rows.append({"variant": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"})
+            rows.append({"variant": name, "error": error_text(exc)})
         print(f"  inference {name}: {rows[-1]}", flush=True)
     first = outputs.get(variants[0][0])
     for r in rows:
@@ -379,78 +465,84 @@ def bench_agreement(device, preset: str, image: Path | None, checkpoint: str | N
 
 
 # ---------------------------------------------------------------------------------------------
-# report
+# 5. profile: where a bf16 training step spends its GPU time
 # ---------------------------------------------------------------------------------------------
 
+# kernel kinds, by name (first match wins; approximate: kernel names are the libraries')
+KERNEL_KINDS = (
+    ("optimizer (Adam, foreach)", ("adam", "multi_tensor", "foreach")),
+    ("attention (SDPA)", ("flash", "fmha", "attention", "mem_eff")),
+    ("convolution (cuDNN)", ("conv", "fprop", "dgrad", "wgrad", "implicit", "winograd", "cudnn")),
+    ("matmul (bmm, attention blocks)", ("gemm", "gemv", "matmul")),
+    ("sort", ("sort", "radix")),
+    ("gather / scatter / index", ("index", "scatter", "gather")),
+    ("elementwise / reduction", ("elementwise", "reduce", "vectorized", "unrolled", "softmax", "norm")),
+)
 
-def machine(device) -> dict:
+
+def kernel_kind(name: str) -> str:
+    low = name.lower()
+    for kind, words in KERNEL_KINDS:
+        if any(w in low for w in words):
+            return kind
+    return "other"
+
+
+def bench_profile(device, preset: str, batch: int, hr_patch: int, budget: Budget, quick: bool, top: int = 20) -> dict:
+    """torch.profiler over a few x2 training steps (bf16 + channels_last on CUDA, fp32 on CPU):
+    the top CUDA kernels by total time (CPU ops by self time on CPU) with their share."""
+    from collections import defaultdict
+
     import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
 
-    info = {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-            "cpus": os.cpu_count(), "device": str(device)}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["cudnn"] = torch.backends.cudnn.version()
-        try:
-            info["driver"] = subprocess.run(
-                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                capture_output=True, text=True, timeout=20, check=True).stdout.strip().splitlines()[0]
-        except (OSError, subprocess.SubprocessError, IndexError):
-            info["driver"] = "unknown (nvidia-smi unavailable)"
+    from pipeline.config import model_config
+
+    cuda = device.type == "cuda"
+    name, precision, channels_last = ("bf16 + channels_last", "bf16", True) if cuda else ("fp32", "fp32", False)
+    steps = 2 if quick else 5
+    result: dict = {"what": f"x2 {name} training step, {steps} steps", "unit": "CUDA kernels" if cuda else "CPU op self time"}
+    if budget.left() < 8:
+        return {**result, "skipped": "time budget"}
+    sdpa_mode("auto")
+    step, _ = make_train_step(model_config(preset, 2), device, precision, True, channels_last, False, batch, hr_patch)
+    step_s = time_call(step, device, warmup=2, iters=3, budget=min(5.0, budget.left()))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    total: dict[str, float] = defaultdict(float)  # microseconds
+    calls: dict[str, int] = defaultdict(int)
+    events = prof.events()
+    if cuda:
+        kernels = [(e.name, e.time_range.elapsed_us()) for e in events if e.device_type == DeviceType.CUDA]
+        if not kernels:  # older layouts: kernels hang off the CPU op that launched them
+            kernels = [(k.name, k.duration) for e in events for k in getattr(e, "kernels", [])]
     else:
-        info["gpu"] = "none"
-        info["cpu"] = platform.processor() or platform.machine()
-    return info
-
-
-def markdown(results: dict) -> str:
-    m = results["machine"]
-    lines = [f"# benchmarks/gpu.py - {m['date']}", "",
-             f"GPU: {m['gpu']}; driver {m.get('driver', 'n/a')}; torch {m['torch']}; CUDA {m['cuda']}; "
-             f"cuDNN {m.get('cudnn', 'n/a')}; {m['cpus']} CPUs; args: `{results['args']}`", ""]
-    lines += [f"## Training step (global batch {results['batch']}, HR patch {results['hr_patch']})", "",
-              "| scale | variant | patches/s | step ms | MFU | TFLOP/patch | peak GiB | vs fp32 baseline | first step s |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in results["train"]:
-        if "patches_per_s" not in r:
-            lines.append(f"| x{r['scale']} | {r['variant']} | {r.get('error') or 'skipped: ' + r['skipped']} "
-                         "| | | | | | |")
-            continue
-        lines.append(f"| x{r['scale']} | {r['variant']} | {r['patches_per_s']:.1f} | {r['step_ms']:.1f} | "
-                     f"{fmt(r['mfu'], '.1%')} | {r['tflop_per_patch']:.3f} | {fmt(r['peak_gib'], '.2f')} | "
-                     f"{fmt(r.get('vs_baseline'), '.2f')}x | {r['first_step_s']:.1f} |")
-    lines += ["", "## DNLA layer, forward + backward (" + results["attention_shape"] + ")", "",
-              "| variant | ms | speed-up vs oracle | max diff vs oracle | peak GiB |", "|---|---|---|---|---|"]
-    for r in results["attention"]:
-        if "ms" not in r:
-            lines.append(f"| {r['variant']} | {r.get('error') or 'skipped: ' + r['skipped']} | | | |")
-            continue
-        lines.append(f"| {r['variant']} | {r['ms']:.2f} | {fmt(r.get('speedup_vs_oracle'), '.2f')}x | "
-                     f"{r['max_diff']:.2e} | {fmt(r['peak_gib'], '.2f')} |")
-    lines += ["", "## Tiled inference, x2 (" + results["inference_shape"] + ")", "",
-              "| variant | seconds | output Mpx/s | max diff vs first row | peak GiB |", "|---|---|---|---|---|"]
-    for r in results["inference"]:
-        if "seconds" not in r:
-            lines.append(f"| {r['variant']} | {r.get('error') or 'skipped: ' + r['skipped']} | | | |")
-            continue
-        lines.append(f"| {r['variant']} | {r['seconds']:.2f} | {r['mpx_per_s']:.3f} | "
-                     f"{fmt(r.get('max_diff_vs_first'), '.2e')} | {fmt(r['peak_gib'], '.2f')} |")
-    lines += ["", "## Fixed-hash agreement, CPU vs GPU (x2)", "", "| quantity | value |", "|---|---|"]
-    for key, value in results["agreement"].items():
-        lines.append(f"| {key} | {format(value, '.6g') if isinstance(value, float) else value} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(out: Path | None, results: dict) -> None:
-    if out is None:
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    text = markdown(results) + f"\nTotal {results.get('total_s', 0):.0f} s.\n"
-    for name, content in (("gpu.md", text), ("gpu.json", json.dumps(results, indent=1, default=str))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(content)
-        tmp.replace(out / name)
+        kernels = [(e.name, e.self_cpu_time_total) for e in events
+                   if e.device_type == DeviceType.CPU and not e.name.startswith("ProfilerStep")]
+    for kname, us in kernels:
+        total[kname] += us
+        calls[kname] += 1
+    all_us = sum(total.values()) or 1.0
+    ranked = sorted(total.items(), key=lambda kv: -kv[1])
+    kinds: dict[str, float] = defaultdict(float)
+    for kname, us in ranked:
+        kinds[kernel_kind(kname)] += us / all_us
+    result.update(
+        step_ms=1000 * step_s, kernel_ms_per_step=all_us / 1000 / steps, busy=all_us / 1e6 / steps / step_s,
+        kernels=[{"name": k[:100], "calls_per_step": calls[k] / steps, "ms_per_step": us / 1000 / steps,
+                  "share": us / all_us} for k, us in ranked[:top]],
+        groups=dict(sorted(kinds.items(), key=lambda kv: -kv[1])) if cuda else {},
+    )
+    del prof, step
+    if cuda:
+        torch.cuda.empty_cache()
+    print(f"  profile: step {result['step_ms']:.1f} ms, {result['kernel_ms_per_step']:.1f} ms of {result['unit']}, "
+          f"top: {result['kernels'][0]['name'] if result['kernels'] else 'none'}", flush=True)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -462,8 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", help="weights for the agreement check (default: random init)")
     parser.add_argument("--scales", default="2,3,4")
     parser.add_argument("--out", type=Path, help="write gpu.md and gpu.json into this folder")
+    parser.add_argument("--budget", type=float, default=TOTAL_BUDGET_S,
+                        help="seconds for the whole run; the compiled variants use what the other sections leave "
+                             f"(x2 starts only with {FIRST_COMPILE_S:.0f} s left)")
     parser.add_argument("--train-budget", type=float, default=BUDGET_S["train"],
-                        help="seconds for the training section (compiles start only while 150 s remain)")
+                        help="most seconds for the eager training variants")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads with --device cpu (1: stable on a shared machine)")
     args = parser.parse_args(argv)
@@ -484,33 +579,56 @@ def main(argv: list[str] | None = None) -> int:
     scales = [int(s) for s in args.scales.split(",")]
     if args.quick:
         scales = scales[:1]
-    attention_args = (64, 1, 24) if args.quick else (192, GLOBAL_BATCH, HR_PATCH // 2)
+    feats, abatch, side = (64, 1, 24) if args.quick else (192, GLOBAL_BATCH, HR_PATCH // 2)
     lr_hw = (40, 56) if args.quick else (678, 1020)
     tile = 24 if args.quick else 192
     overlap = 4 if args.quick else 16
 
     started = time.monotonic()
-    results: dict = {"machine": machine(device), "args": " ".join(sys.argv[1:]), "hr_patch": hr_patch,
-                     "batch": batch, "train": [], "attention": [], "inference": [], "agreement": {}}
-    print(f"# benchmarks/gpu.py on {results['machine']['gpu']} ({device}), torch {torch.__version__}", flush=True)
-    feats, abatch, side = attention_args
-    results["attention_shape"] = f"{feats} channels, batch {abatch}, LR {side}x{side}"
-    results["inference_shape"] = f"{preset}, LR {lr_hw[1]}x{lr_hw[0]}, tile {tile}, overlap {overlap}"
+    budget = Budget(args.budget, args.quick)
     BUDGET_S["train"] = args.train_budget
-    sections = (
-        ("train", lambda: bench_train(device, preset, scales, batch, hr_patch, args.quick)),
-        ("attention", lambda: bench_attention(device, feats, abatch, side, args.quick)),
-        ("inference", lambda: bench_inference(device, preset, lr_hw, tile, overlap, args.quick)),
-        ("agreement", lambda: bench_agreement(device, preset, args.image, args.checkpoint, args.quick)),
+    results: dict = {"machine": machine(device), "args": " ".join(sys.argv[1:]), "hr_patch": hr_patch,
+                     "batch": batch, "train": [], "attention": [], "inference": [], "agreement": {}, "profile": {},
+                     "attention_shape": f"{feats} channels, batch {abatch}, LR {side}x{side}",
+                     "inference_shape": f"{preset}, LR {lr_hw[1]}x{lr_hw[0]}, tile {tile}, overlap {overlap}"}
+    print(f"# benchmarks/gpu.py on {results['machine']['gpu']} ({device}), torch {torch.__version__}", flush=True)
+
+    def attention_section():
+        results["attention"], results["attention_choice"] = bench_attention(
+            device, feats, abatch, side, budget.section(BUDGET_S["attention"]), args.quick)
+
+    def agreement_section():
+        if budget.left() < 10:
+            return {"skipped": "time budget"}
+        return bench_agreement(device, preset, args.image, args.checkpoint, args.quick)
+
+    sections = (  # the compiled variants last: they take what the others leave
+        ("train", lambda: bench_train(device, preset, scales, batch, hr_patch,
+                                      budget.section(BUDGET_S["train"]), args.quick)),
+        ("attention", attention_section),
+        ("inference", lambda: bench_inference(device, preset, lr_hw, tile, overlap,
+                                              budget.section(BUDGET_S["inference"]), args.quick)),
+        ("agreement", agreement_section),
+        ("profile", lambda: bench_profile(device, preset, batch, hr_patch, budget.section(BUDGET_S["profile"]),
+                                          args.quick)),
+        ("compile", lambda: results["train"] + bench_compile(device, preset, scales, batch, hr_patch, budget,
+                                                             args.quick)),
     )
     for name, run in sections:
+        key = "train" if name == "compile" else name
         try:
-            results[name] = run()
+            value = run()
+            if value is not None:
+                results[key] = value
         except Exception as exc:  # noqa: BLE001 - report it and go on with the next section
-            error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+            error = error_text(exc)
             print(f"  {name}: FAILED {error}", flush=True)
-            results[name] = {"error": error} if name == "agreement" else [{"variant": "all", "scale": 0,
-                                                                            "error": error}]
+            if key in ("agreement", "profile"):
+                results[key] = {"error": error}
+            else:
+                results[key] = [r for r in results[key] if "variant" in r] + [
+                    {"variant": f"all ({name})", "scale": 0, "error": error}]
+        add_baseline_ratios(results["train"])
         results["total_s"] = time.monotonic() - started
         write_outputs(args.out, results)  # after every section: a timeout still leaves the rest
     text = markdown(results) + f"\nTotal {results['total_s']:.0f} s.\n"

@@ -68,9 +68,14 @@ def test_sdpa_formulation_matches_oracle_on_cpu(monkeypatch, case):
 def test_sdpa_mode_switch(monkeypatch):
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(attention, "SDPA_MODE", "auto")
-    assert not attention.uses_sdpa(cpu) and attention.uses_sdpa(gpu)
+    # auto: SDPA for a bf16/fp16 kernel on CUDA only (blocked wins in fp32 on a GPU, measured)
+    assert not attention.uses_sdpa(cpu) and not attention.uses_sdpa(cpu, torch.bfloat16)
+    assert not attention.uses_sdpa(gpu) and not attention.uses_sdpa(gpu, torch.float32)
+    assert attention.uses_sdpa(gpu, torch.bfloat16) and attention.uses_sdpa(gpu, torch.float16)
     monkeypatch.setattr(attention, "SDPA_MODE", "off")
-    assert not attention.uses_sdpa(gpu)
+    assert not attention.uses_sdpa(gpu, torch.bfloat16)
+    monkeypatch.setattr(attention, "SDPA_MODE", "on")
+    assert attention.uses_sdpa(cpu) and attention.uses_sdpa(gpu, torch.float32)
     monkeypatch.setattr(attention, "SDPA_MODE", "sometimes")
     with pytest.raises(ValueError, match=attention.SDPA_ENV):
         attention.uses_sdpa(cpu)
@@ -91,7 +96,8 @@ def test_sdpa_and_blocked_paths_give_the_same_layer_output(monkeypatch):
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU: the fused SDPA kernels run on CUDA only")
 @pytest.mark.parametrize("case", CASES[-4:], ids=lambda c: "x".join(map(str, c)))
 def test_sdpa_on_cuda_matches_oracle_fp32(monkeypatch, case):
-    monkeypatch.setattr(attention, "SDPA_MODE", "auto")
+    # forced: in fp32, auto picks the blocked function on CUDA; SR_DNLA_SDPA=on still runs this
+    monkeypatch.setattr(attention, "SDPA_MODE", "on")
     batch, feats, h, w, chunk, n_bits, reduction = case
     layer = make_layer(feats, chunk, n_bits, reduction).cuda()
     x = torch.randn(batch, feats, h, w, device="cuda", requires_grad=True)

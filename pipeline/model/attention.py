@@ -23,9 +23,10 @@ shorter than the padding, which is identical to the reference whenever the refer
 and hashing always runs in float32 with autocast disabled so that bits do not depend on the
 compute precision; the attention itself also runs in float32 on CPU.
 
-On CUDA the chunk attention runs instead as one fused ``scaled_dot_product_attention`` call
-(flash or memory-efficient kernels; :mod:`pipeline.model.attention_sdpa` says how the
-log-sum-exp and its gradient are recovered), in autocast's precision when autocast is on.
+On CUDA under bf16/fp16 autocast the chunk attention runs instead as one fused
+``scaled_dot_product_attention`` call in that precision (flash or memory-efficient kernels;
+:mod:`pipeline.model.attention_sdpa` says how the log-sum-exp and its gradient are recovered);
+in float32 the blocked function is faster on a GPU too (see ``SDPA_MODE``).
 ``SR_DNLA_SDPA=on|off`` overrides the choice (``on`` lets CPU tests check its math). The sort's
 tie order on CUDA is the CUDA sort's, not the CPU's (spec quirk Q3), so fixed-hash outputs on
 GPU and CPU agree to a tolerance, not bitwise (benchmarks/gpu.py measures it).
@@ -53,22 +54,31 @@ BLOCK_ELEMENTS_CUDA = 1 << 25
 HashMode = Literal["stochastic", "fixed"]
 
 # Which formulation computes the chunk attention: "auto" = fused scaled_dot_product_attention
-# on CUDA (pipeline.model.attention_sdpa) and the blocked function below elsewhere; "on" forces
-# SDPA on any device (how CPU tests check its math against the oracle); "off" forces the
-# blocked function. Read once at import; tests and tools set the module attribute.
+# on CUDA when the kernel runs in bf16/fp16 (autocast) and the blocked function below otherwise;
+# "on" forces SDPA on any device and in any precision (how CPU tests check its math against the
+# oracle); "off" forces the blocked function. Read once at import; tests and tools set the
+# module attribute.
+# Why fp32 stays blocked on CUDA (measured on an H200, benchmarks/gpu.py, one paper layer
+# forward+backward at the x2 training shape): there is no fp32 flash kernel, and SDPA in fp32
+# (memory-efficient or math kernel, plus the sink key and the head-dim padding) took 12.9 ms
+# against 8.3 ms for the blocked function, whose large CUDA blocks already run as a few big
+# batched matmuls; in bf16 SDPA took 7.6 ms.
 SDPA_ENV = "SR_DNLA_SDPA"
 SDPA_MODE = os.environ.get(SDPA_ENV, "auto").strip().lower() or "auto"
+SDPA_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def uses_sdpa(device: torch.device) -> bool:
-    """True when the chunk attention on ``device`` runs as fused SDPA (see ``SDPA_MODE``)."""
+def uses_sdpa(device: torch.device, compute_dtype: torch.dtype | None = None) -> bool:
+    """True when the chunk attention on ``device`` runs as fused SDPA (see ``SDPA_MODE``).
+
+    ``compute_dtype`` is the kernel precision autocast asks for (None: float32)."""
     if SDPA_MODE in ("on", "1", "true"):
         return True
     if SDPA_MODE in ("off", "0", "false"):
         return False
     if SDPA_MODE != "auto":
         raise ValueError(f"{SDPA_ENV} must be auto, on or off, got {SDPA_MODE!r}")
-    return device.type == "cuda"
+    return device.type == "cuda" and compute_dtype in SDPA_DTYPES
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +288,7 @@ def sparse_attention(
     vs = vs.view(-1, chunk_size, feats)
     ks = F.normalize(qs, p=2.0, dim=-1, eps=KEY_EPS)
     adj = adjacent_chunks(n * n_hashes, n_chunks, device)
-    if uses_sdpa(device):
+    if uses_sdpa(device, compute_dtype):
         from pipeline.model.attention_sdpa import chunk_attention_sdpa
 
         out, lse = chunk_attention_sdpa(qs, ks, vs, adj, compute_dtype)

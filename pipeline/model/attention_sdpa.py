@@ -23,7 +23,8 @@ chunk) reaches it; hence ``lse - c`` lies in ``[0, log(3 cs)]`` and ``s`` in
 Semantics kept from the spec: scale 1 (raw queries against L2-normalised keys, no 1/sqrt(d)),
 keys of [own, previous, next] chunk with cyclic wrap (the same ``adj`` table), duplicates and
 self-matches included, nothing masked. Head dimensions are zero-padded to a multiple of 8 (and
-to one common size when that stays within 256, which makes the flash kernel eligible).
+in bf16/fp16, to one common size when that stays within 256, which makes the flash kernel
+eligible).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 FLASH_MAX_HEAD_DIM = 256
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def _round8(n: int) -> int:
@@ -50,11 +52,13 @@ def chunk_attention_sdpa(
     """
     t, cs, cr = qs.shape
     feats = vs.shape[-1]
+    dtype = compute_dtype or qs.dtype
     d_qk, d_v = _round8(cr + 1), _round8(feats + 1)
-    if max(d_qk, d_v) <= FLASH_MAX_HEAD_DIM:
+    # flash (bf16/fp16 only) needs one head dim for q/k and v; elsewhere padding q/k up to
+    # v's width (72 -> 200 at paper width) would only add work to the memory-efficient kernel
+    if dtype in FLASH_DTYPES and max(d_qk, d_v) <= FLASH_MAX_HEAD_DIM:
         d_qk = d_v = max(d_qk, d_v)
     ids = adj.reshape(-1)
-    dtype = compute_dtype or qs.dtype
     # the sink logit, rounded to the kernel's precision so that the identities below use the
     # very logit the kernel used (a bf16 ||q|| of 20 is off by up to 0.08)
     c = torch.linalg.vector_norm(qs.detach(), dim=-1, keepdim=True).to(dtype).to(qs.dtype)
