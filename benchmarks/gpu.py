@@ -295,16 +295,20 @@ def bench_attention(device, feats: int, batch: int, side: int, budget: Budget, q
         return oracle_dnla(x, layer.conv_match, layer.conv_assembly, projection, 144, layer.res_scale)[0]
 
     cuda = device.type == "cuda"
-    # (name, function, autocast dtype, SDPA mode, precision key)
+    # (name, function, autocast dtype, SDPA mode, SDPA backend forced or None: PyTorch's pick)
     variants = [("oracle", oracle, None, "off", None),
-                ("blocked, fp32", layer, None, "off", "fp32"), ("SDPA, fp32", layer, None, "on", "fp32")]
+                ("blocked, fp32", layer, None, "off", None), ("SDPA, fp32", layer, None, "on", None)]
     if cuda:  # CPU autocast bf16 is slow and not what the GPU choice is about
-        variants += [("blocked, bf16 autocast", layer, torch.bfloat16, "off", "bf16"),
-                     ("SDPA, bf16 autocast", layer, torch.bfloat16, "on", "bf16")]
+        variants += [("blocked, bf16 autocast", layer, torch.bfloat16, "off", None),
+                     ("SDPA, bf16 autocast", layer, torch.bfloat16, "on", None),
+                     # which kernel wins for DNLA's shapes (768 chunks of 144 queries x 433 keys)
+                     ("SDPA, bf16 autocast, flash only", layer, torch.bfloat16, "on", "flash"),
+                     ("SDPA, bf16 autocast, memory-efficient, q/k unpadded", layer, torch.bfloat16, "on",
+                      "efficient")]
     with torch.no_grad():
         reference = oracle(x)
     rows = []
-    for name, fn, dtype, mode, _key in variants:
+    for name, fn, dtype, mode, backend in variants:
         row = {"variant": name, "path": "oracle" if fn is oracle else ("SDPA" if mode == "on" else "blocked")}
         rows.append(row)
         if budget.left() < 3:
@@ -312,8 +316,23 @@ def bench_attention(device, feats: int, batch: int, side: int, budget: Budget, q
             continue
         sdpa_mode(mode)
 
-        def precision(dtype=dtype):
-            return torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        @contextlib.contextmanager
+        def precision(dtype=dtype, backend=backend):
+            from pipeline.model import attention_sdpa
+
+            with contextlib.ExitStack() as stack:
+                if dtype:
+                    stack.enter_context(torch.autocast(device.type, dtype=dtype))
+                if backend:
+                    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+                    kind = SDPBackend.FLASH_ATTENTION if backend == "flash" else SDPBackend.EFFICIENT_ATTENTION
+                    stack.enter_context(sdpa_kernel([kind]))
+                    attention_sdpa.EQUAL_HEAD_DIMS = backend == "flash"
+                try:
+                    yield
+                finally:
+                    attention_sdpa.EQUAL_HEAD_DIMS = True
 
         def fwd_bwd(fn=fn, precision=precision):
             with precision():

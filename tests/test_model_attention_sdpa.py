@@ -140,10 +140,14 @@ def low_precision_case(device, dtype, autocast):
         assert (a.double() - b).abs().max() <= tol_grad * max(1.0, float(b.abs().max()))
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_sdpa_low_precision_kernel_on_cpu(monkeypatch, dtype):
-    """The sink arithmetic survives a bf16/fp16 kernel (CPU SDPA in that dtype)."""
+@pytest.mark.parametrize("dtype,equal", [(torch.bfloat16, True), (torch.float16, True), (torch.bfloat16, False)])
+def test_sdpa_low_precision_kernel_on_cpu(monkeypatch, dtype, equal):
+    """The sink arithmetic survives a bf16/fp16 kernel (CPU SDPA in that dtype), with q/k
+    padded to v's head dim (flash-eligible) or not (the memory-efficient kernel's layout)."""
+    from pipeline.model import attention_sdpa
+
     monkeypatch.setattr(attention, "SDPA_MODE", "on")
+    monkeypatch.setattr(attention_sdpa, "EQUAL_HEAD_DIMS", equal)
     low_precision_case("cpu", dtype, autocast=False)
 
 

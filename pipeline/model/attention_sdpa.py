@@ -35,6 +35,9 @@ from torch import Tensor
 
 FLASH_MAX_HEAD_DIM = 256
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
+# bf16/fp16: pad q/k to v's head dim so the flash kernel is eligible (True), or leave q/k at
+# the next multiple of 8 for the memory-efficient kernel (False); benchmarks/gpu.py times both
+EQUAL_HEAD_DIMS = True
 
 
 def _round8(n: int) -> int:
@@ -56,26 +59,27 @@ def chunk_attention_sdpa(
     d_qk, d_v = _round8(cr + 1), _round8(feats + 1)
     # flash (bf16/fp16 only) needs one head dim for q/k and v; elsewhere padding q/k up to
     # v's width (72 -> 200 at paper width) would only add work to the memory-efficient kernel
-    if dtype in FLASH_DTYPES and max(d_qk, d_v) <= FLASH_MAX_HEAD_DIM:
+    if EQUAL_HEAD_DIMS and dtype in FLASH_DTYPES and max(d_qk, d_v) <= FLASH_MAX_HEAD_DIM:
         d_qk = d_v = max(d_qk, d_v)
     ids = adj.reshape(-1)
     # the sink logit, rounded to the kernel's precision so that the identities below use the
     # very logit the kernel used (a bf16 ||q|| of 20 is off by up to 0.08)
     c = torch.linalg.vector_norm(qs.detach(), dim=-1, keepdim=True).to(dtype).to(qs.dtype)
 
-    q_aug = F.pad(torch.cat([qs, c], dim=-1), (0, d_qk - cr - 1))
-    keys = F.pad(ks.index_select(0, ids).view(t, 3 * cs, cr), (0, d_qk - cr))
-    vals = F.pad(vs.index_select(0, ids).view(t, 3 * cs, feats), (0, d_v - feats))
-    sink_k = qs.new_zeros((1, 1, d_qk))
+    # pad and cast once per chunk, then gather the [own, prev, next] copies (3x the rows) in
+    # the kernel's dtype: the same values as gathering first, with a third of the copying
+    q_aug = F.pad(torch.cat([qs, c], dim=-1), (0, d_qk - cr - 1)).to(dtype)
+    keys = F.pad(ks, (0, d_qk - cr)).to(dtype).index_select(0, ids).view(t, 3 * cs, d_qk)
+    vals = F.pad(vs, (0, d_v - feats)).to(dtype).index_select(0, ids).view(t, 3 * cs, d_v)
+    sink_k = keys.new_zeros((1, 1, d_qk))
     sink_k[..., cr] = 1.0
-    sink_v = qs.new_zeros((1, 1, d_v))
+    sink_v = vals.new_zeros((1, 1, d_v))
     sink_v[..., feats] = 1.0
     k_aug = torch.cat([keys, sink_k.expand(t, 1, d_qk)], dim=1)
     v_aug = torch.cat([vals, sink_v.expand(t, 1, d_v)], dim=1)
 
     o = F.scaled_dot_product_attention(
-        q_aug.to(dtype).unsqueeze(1), k_aug.to(dtype).unsqueeze(1), v_aug.to(dtype).unsqueeze(1),
-        scale=1.0,
+        q_aug.unsqueeze(1), k_aug.unsqueeze(1), v_aug.unsqueeze(1), scale=1.0,
     ).squeeze(1).to(qs.dtype)
     s = o[..., feats]
     kept = 1.0 - s
