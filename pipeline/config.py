@@ -26,6 +26,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pipeline.console import UserError
 
 SCALES = (2, 3, 4)
+# Overlap tiling, LR pixels, for the library and every command alike. 192/16 recomputes
+# (192/160)^2 = 1.44x the pixels (96/16 would be 2.25x) and keeps a paper-model tile well
+# under 1 GB (benchmarks/RESULTS.md).
+DEFAULT_TILE = 192
+DEFAULT_TILE_OVERLAP = 16
 
 
 class ConfigError(UserError):
@@ -225,10 +230,8 @@ class EvalConfig:
     scales: list[int] = field(default_factory=list)
     max_images: int = 0  # 0 = all images of each benchmark
     tiling: Literal["none", "reference", "overlap"] = "reference"
-    # Overlap tiling, LR pixels. 192/16 recomputes (192/160)^2 = 1.44x the pixels (96/16 would
-    # be 2.25x) and keeps a paper-model tile well under 1 GB (benchmarks/RESULTS.md).
-    tile: int = 192
-    tile_overlap: int = 16
+    tile: int = DEFAULT_TILE  # overlap tiling, LR pixels (see DEFAULT_TILE)
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
     self_ensemble: bool = False
     hash: Literal["fixed", "stochastic"] = "fixed"
     hash_seed: int = 0
@@ -241,6 +244,8 @@ class EvalConfig:
     tracking_uri: str | None = None
     experiment: str = "dnlan-eval"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast for the network (auto: bf16 on a GPU that has it, else fp32); hashing stays fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
 
     def validate(self) -> None:
         if self.preset not in PRESETS:

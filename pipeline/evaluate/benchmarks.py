@@ -175,9 +175,12 @@ def check_files(bench: Benchmark, hr_path: Path, scales: list[int]) -> None:
     for scale in scales:
         used = (hr_wh[0] // scale * scale, hr_wh[1] // scale * scale)
         if min(used) < min_hr_side(scale):
+            cropped = "" if used == hr_wh else (
+                f" ({used[0]}x{used[1]} after cropping to a multiple of {scale})"
+            )
             raise UserError(
-                f"{hr_path}: image is {hr_wh[0]}x{hr_wh[1]}, too small to score at x{scale} "
-                f"(needs at least {min_hr_side(scale)} px per side: {scale} px shaved from "
+                f"{hr_path}: image is {hr_wh[0]}x{hr_wh[1]}{cropped}, too small to score at "
+                f"x{scale} (needs at least {min_hr_side(scale)} px per side: {scale} px shaved from "
                 f"each border plus the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window)"
             )
         lp = lr_file(bench, hr_path, scale)

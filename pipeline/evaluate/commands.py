@@ -18,6 +18,12 @@ _TILING_HELP = (
 )
 
 
+_PRECISION_HELP = (
+    "fp32 (default) | bf16 | fp16 | auto (bf16 where the GPU has it): autocast for the network "
+    "on a GPU; hashing stays fp32; on a CPU everything runs fp32 (one warning)."
+)
+
+
 def _split(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -83,7 +89,9 @@ def evaluate_cmd(
         typer.Option("--set", help="Override one value: KEY=VALUE (e.g. model.n_feats=128)."),
     ] = None,
     tiling: Annotated[Opt[str], typer.Option(help=_TILING_HELP)] = None,
-    tile: Annotated[Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels.")] = None,
+    tile: Annotated[
+        Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels (default 192).")
+    ] = None,
     tile_overlap: Annotated[
         Opt[int],
         typer.Option("--tile-overlap", help="Overlap tiling: context pixels on each inner side."),
@@ -148,6 +156,10 @@ def evaluate_cmd(
         ),
     ] = None,
     device: Annotated[Opt[str], typer.Option(help="auto | cpu | cuda")] = None,
+    precision: Annotated[
+        Opt[str],
+        typer.Option(help=_PRECISION_HELP),
+    ] = None,
 ) -> None:
     """PSNR/SSIM on the standard SR benchmarks (Y channel, shave = scale), as papers report them."""
     from pathlib import Path
@@ -183,6 +195,7 @@ def evaluate_cmd(
             "experiment": experiment,
             "use_ema": ema,
             "device": device,
+            "precision": precision,
         },
     )
     result = evaluate(cfg)
@@ -229,10 +242,12 @@ def upscale_cmd(
         Opt[list[str]], typer.Option("--set", help="Override one value: KEY=VALUE.")
     ] = None,
     tiling: Annotated[str, typer.Option(help=_TILING_HELP)] = "overlap",
-    tile: Annotated[int, typer.Option(help="Overlap tiling: tile side in LR pixels.")] = 192,
+    tile: Annotated[
+        Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels (default 192).")
+    ] = None,
     tile_overlap: Annotated[
-        int, typer.Option("--tile-overlap", help="Overlap tiling: context pixels.")
-    ] = 16,
+        Opt[int], typer.Option("--tile-overlap", help="Overlap tiling: context pixels (default 16).")
+    ] = None,
     self_ensemble: Annotated[
         bool,
         typer.Option("--self-ensemble/--no-self-ensemble", help="Average the 8 flips/transposes."),
@@ -246,6 +261,10 @@ def upscale_cmd(
         bool, typer.Option("--ema/--no-ema", help="Use EMA weights when present.")
     ] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[
+        Opt[str],
+        typer.Option(help=_PRECISION_HELP),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -280,6 +299,7 @@ def upscale_cmd(
             "tracking_uri": tracking_uri,
             "use_ema": ema,
             "device": device,
+            "precision": precision,
             "mlflow": False,
         },
     )
