@@ -272,14 +272,39 @@ def upscale_cmd(
             help="Replace existing files in --out (never the input images themselves).",
         ),
     ] = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing/--no-skip-existing",
+            help="Leave outputs that already exist alone and skip their inputs (resume a folder).",
+        ),
+    ] = False,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Output format: png (lossless) | jpg | webp | same (the input's, PNG otherwise).",
+        ),
+    ] = "png",
+    quality: Annotated[
+        int, typer.Option(help="JPEG/WebP quality, 1-100.", min=1, max=100)
+    ] = 95,
+    keep_16bit: Annotated[
+        bool,
+        typer.Option(
+            "--keep-16bit/--no-keep-16bit",
+            help="16-bit PNG inputs give 16-bit PNG outputs (default: 8-bit, like every other input).",
+        ),
+    ] = False,
 ) -> None:
-    """Super-resolve your own images (PNG/JPEG, any size, RGB/grey/alpha); inputs are never overwritten."""
+    """Super-resolve your own images and photos (any size, RGB/grey/alpha, EXIF orientation, ICC
+    profile kept); inputs are never overwritten."""
     import tempfile
     from pathlib import Path
 
     from pipeline import console
     from pipeline.evaluate.methods import method_from_config
-    from pipeline.evaluate.photos import collect_inputs, output_paths, upscale_files
+    from pipeline.evaluate.photos import collect_inputs, output_paths, output_suffix, upscale_files
 
     cfg = _load(
         preset,
@@ -305,10 +330,13 @@ def upscale_cmd(
     )
     if cfg.method == "bicubic" and not cfg.scales:
         raise console.UserError("--model bicubic needs --scale")
+    output_suffix(Path("x.png"), out_format)  # a bad --format fails before anything else
+    if skip_existing and overwrite:
+        raise console.UserError("--skip-existing and --overwrite contradict each other; pick one")
     files = collect_inputs(inputs)
     s = cfg.scales[0] if cfg.scales else None
     if s is not None:  # refuse clashing outputs before loading a model (known scale only)
-        output_paths(files, Path(out).expanduser(), s, overwrite)
+        output_paths(files, Path(out).expanduser(), s, overwrite, out_format, skip_existing)
     uri = None
     if cfg.run_id:
         from pipeline.tracking import check_reachable, resolve_uri
@@ -318,15 +346,24 @@ def upscale_cmd(
     with tempfile.TemporaryDirectory(prefix="sr-upscale-") as tmp:
         method = method_from_config(cfg, Path(tmp), uri)
         s = method.scales[0]
-        written = upscale_files(
+        summary = upscale_files(
             files,
             Path(out).expanduser(),
             method.upscalers[s],
             s,
             f" ({method.label})",
             overwrite=overwrite,
+            fmt=out_format,
+            quality=quality,
+            keep_16bit=keep_16bit,
+            skip_existing=skip_existing,
         )
-    console.info(f"wrote {len(written)} image(s) to {Path(out).expanduser()}")
+    console.info(summary.line(Path(out).expanduser()))
+    if summary.failed:
+        raise console.UserError(
+            f"{len(summary.failed)} of {len(files)} image(s) could not be upscaled: "
+            + "; ".join(f"{p.name} ({why.split(': ', 1)[-1]})" for p, why in summary.failed)
+        )
 
 
 def register(app: typer.Typer) -> None:

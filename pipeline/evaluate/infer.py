@@ -29,13 +29,18 @@ if TYPE_CHECKING:
 Forward = Callable[["torch.Tensor"], "torch.Tensor"]
 
 
-def lr_tensor(lr: np.ndarray, rgb_range: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 HxW or HxWx3 -> float32 (1, 3, h, w) in [0, rgb_range] on ``device``."""
+def lr_tensor(
+    lr: np.ndarray, rgb_range: float, device: torch.device | str = "cpu", peak: float = 255.0
+) -> torch.Tensor:
+    """uint8 (or uint16 with ``peak`` 65535) HxW or HxWx3 -> float32 (1, 3, h, w) in
+    [0, rgb_range] on ``device``."""
     import torch
 
     rgb = np.repeat(lr[:, :, None], 3, axis=2) if lr.ndim == 2 else lr
+    if rgb.dtype == np.uint16:  # torch has no uint16 arithmetic on every version
+        rgb = rgb.astype(np.int32)
     x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))[None]
-    return x.to(device, torch.float32).mul_(rgb_range / 255.0)
+    return x.to(device, torch.float32).mul_(rgb_range / peak)
 
 
 def quantize_tensor(y: torch.Tensor, rgb_range: float) -> np.ndarray:
@@ -52,14 +57,16 @@ def sr_float(
     rgb_range: float,
     device: torch.device | str = "cpu",
     precision: str = "fp32",
+    peak: float = 255.0,
 ) -> torch.Tensor:
-    """The unquantised float32 output (1, 3, s*h, s*w) of ``forward`` for a uint8 LR image."""
+    """The unquantised float32 output (1, 3, s*h, s*w) of ``forward`` for a uint8 LR image
+    (uint16 with ``peak`` 65535)."""
     import torch
 
     from pipeline.device import autocast
 
     dev = torch.device(device)
-    x = lr_tensor(lr, rgb_range, dev)
+    x = lr_tensor(lr, rgb_range, dev, peak)
     with torch.no_grad(), autocast(dev, precision):
         y = forward(x)
     return y.float()

@@ -99,8 +99,9 @@ class ModelUpscaler:
         if self.on_tile is not None:
             self.on_tile(done, total)
 
-    def forward_float(self, lr: np.ndarray, repeat: int = 0):
-        """The unquantised output tensor (1, 3, s*h, s*w) for a uint8 LR image."""
+    def forward_float(self, lr: np.ndarray, repeat: int = 0, peak: float = 255.0):
+        """The unquantised output tensor (1, 3, s*h, s*w) for a uint8 LR image (uint16 with
+        ``peak`` 65535)."""
         import torch
 
         from pipeline.evaluate.infer import sr_float
@@ -108,7 +109,7 @@ class ModelUpscaler:
         _ensure_hash_mode(self.model, self.hash_mode, self.hash_seed)
         if self.hash_mode == "stochastic":
             torch.manual_seed(self.hash_seed + repeat)
-        return sr_float(self._forward, lr, self.rgb_range, self.device, self.precision)
+        return sr_float(self._forward, lr, self.rgb_range, self.device, self.precision, peak)
 
     def __call__(self, lr: np.ndarray, repeat: int = 0) -> np.ndarray:
         from pipeline.evaluate.infer import quantize_tensor
