@@ -246,6 +246,8 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Autocast for the network (auto: bf16 on a GPU that has it, else fp32); hashing stays fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    workers: int = 1  # > 1: images spread over that many Ray actors (one GPU each if any)
+    address: str | None = None  # Ray cluster for workers > 1 (default: RAY_ADDRESS or local)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -263,6 +265,7 @@ class EvalConfig:
                 f"tile_overlap must be >= 0 and less than half the tile ({self.tile}), got {self.tile_overlap}"
             )
         _positive(self.repeats, "repeats")
+        _positive(self.workers, "workers")
         if self.repeats > 1 and self.hash != "stochastic":
             raise ConfigError(
                 "repeats > 1 needs hash=stochastic (fixed hashing gives the same number every time)"

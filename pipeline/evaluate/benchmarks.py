@@ -115,6 +115,8 @@ def resolve_benchmarks(names: list[str], data_dir: str | Path | None) -> list[Be
     """All requested benchmarks, checked up front (folder exists, holds images)."""
     out = []
     seen = set()
+    if any(n.strip().lower() == "all" for n in names):  # --benchmarks all: the standard five
+        names = [n for n in names if n.strip().lower() != "all"] + list(KNOWN_BENCHMARKS)
     for name in names:
         bench = resolve_benchmark(name, data_dir)
         if bench.root in seen:

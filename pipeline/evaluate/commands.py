@@ -44,7 +44,7 @@ def evaluate_cmd(
     checkpoint: Annotated[
         Opt[str],
         typer.Option(
-            help="Our checkpoint file, a Ray checkpoint folder (holding model.pt) or an official DNLAN state_dict."
+            help="Our checkpoint file, a Ray checkpoint folder (holding model.pt) or an official DNLAN state_dict; a comma list of one per scale (x2.pt,x3.pt,x4.pt) evaluates them all in one run."
         ),
     ] = None,
     run_id: Annotated[
@@ -63,7 +63,7 @@ def evaluate_cmd(
     benchmarks: Annotated[
         Opt[str],
         typer.Option(
-            help="Comma list: Set5,Set14,B100,Urban100,Manga109, or folders of HR images."
+            help="Comma list: Set5,Set14,B100,Urban100,Manga109 (all: the five), or folders of HR images."
         ),
     ] = None,
     scale: Annotated[
@@ -160,6 +160,18 @@ def evaluate_cmd(
         Opt[str],
         typer.Option(help=_PRECISION_HELP),
     ] = None,
+    workers: Annotated[
+        Opt[int],
+        typer.Option(
+            help="Spread the images over N Ray workers (one GPU each where the cluster has GPUs); results equal one worker's."
+        ),
+    ] = None,
+    address: Annotated[
+        Opt[str],
+        typer.Option(
+            help="Ray cluster for --workers (default: RAY_ADDRESS, else a local instance on 127.0.0.1)."
+        ),
+    ] = None,
 ) -> None:
     """PSNR/SSIM on the standard SR benchmarks (Y channel, shave = scale), as papers report them."""
     from pathlib import Path
@@ -196,6 +208,8 @@ def evaluate_cmd(
             "use_ema": ema,
             "device": device,
             "precision": precision,
+            "workers": workers,
+            "address": address,
         },
     )
     result = evaluate(cfg)
@@ -203,6 +217,10 @@ def evaluate_cmd(
     typer.echo(
         render_table(outcome.summaries, outcome.label, with_bicubic=outcome.method != "bicubic")
     )
+    per_set = ", ".join(
+        f"{b} x{s} {sec:.1f}s" for (b, s), sec in outcome.wall_seconds.items()
+    )
+    console.info(f"total time {outcome.total_seconds:.1f}s ({per_set})")
     console.info(f"per-image results: {result.csv_path}")
     if result.figure_paths:
         console.info(f"figures: {Path(result.figure_paths[0]).parent}")

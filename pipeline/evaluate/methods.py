@@ -146,38 +146,51 @@ def method_from_config(
         scales = list(cfg.scales) or list(SCALES)
         return Method("bicubic", "Bicubic", "bicubic", {s: BicubicUpscaler(s) for s in scales})
 
-    from pipeline.device import select_device
     from pipeline.evaluate import model_source
 
     if cfg.checkpoint:
-        path = model_source.checkpoint_file(cfg.checkpoint)
+        paths = [model_source.checkpoint_file(c) for c in cfg.checkpoint.split(",") if c.strip()]
     elif cfg.run_id:
         if tracking_uri is None:
             raise UserError(
                 "--run-id needs MLflow tracking (drop --no-mlflow or give --tracking-uri)"
             )
-        path = model_source.download_run_model(cfg.run_id, tracking_uri, workdir)
+        paths = [model_source.download_run_model(cfg.run_id, tracking_uri, workdir)]
     else:
         raise UserError(
             "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID or --model bicubic"
         )
+    if len(paths) > 1:
+        return _one_checkpoint_per_scale(cfg, paths, on_tile)
+    path = paths[0]
     source = model_source.read_source(path)  # the only read of the file
     facts = source.facts
     ckpt_scale = facts.scale
     if len(cfg.scales) > 1:
         raise UserError(
             f"{path}: a checkpoint is for one scale (x{ckpt_scale}); --scale asks for "
-            f"{','.join(map(str, cfg.scales))}"
+            f"{','.join(map(str, cfg.scales))} (give one checkpoint per scale: "
+            "--checkpoint x2.pt,x3.pt,x4.pt)"
         )
     if cfg.scales and ckpt_scale is not None and cfg.scales[0] != ckpt_scale:
         raise UserError(
             f"{path}: checkpoint is for x{ckpt_scale}, but --scale {cfg.scales[0]} was requested"
         )
     model, desc = model_source.load_model(source, cfg, cfg.scales[0] if cfg.scales else ckpt_scale)
-    scale = int(model.config.scale)
-    upscaler = ModelUpscaler(
+    upscaler = _model_upscaler(cfg, model, on_tile)
+    where = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
+    return Method(
+        "dnlan", "DNLAN", where, {upscaler.scale: upscaler}, dataclasses.asdict(model.config),
+        facts.step,
+    )  # fmt: skip
+
+
+def _model_upscaler(cfg: EvalConfig, model: Any, on_tile) -> ModelUpscaler:
+    from pipeline.device import select_device
+
+    return ModelUpscaler(
         model,
-        scale,
+        int(model.config.scale),
         device=select_device(cfg.device),
         tiling=cfg.tiling,
         tile=cfg.tile,
@@ -188,7 +201,31 @@ def method_from_config(
         precision=cfg.precision,
         on_tile=on_tile,
     )
-    where = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
-    return Method(
-        "dnlan", "DNLAN", where, {scale: upscaler}, dataclasses.asdict(model.config), facts.step
-    )
+
+
+def _one_checkpoint_per_scale(cfg: EvalConfig, paths: list[Path], on_tile) -> Method:
+    """``--checkpoint x2.pt,x3.pt,x4.pt``: the whole table of a model family in one run."""
+    from pipeline.evaluate import model_source
+
+    sources = {}
+    for path in paths:
+        source = model_source.read_source(path)
+        s = source.facts.scale
+        if s in sources:
+            raise UserError(f"{path}: a second checkpoint for x{s} (first: {sources[s].path})")
+        sources[s] = source
+    if cfg.scales and set(cfg.scales) != set(sources):
+        raise UserError(
+            f"--scale {','.join(map(str, cfg.scales))} does not match the checkpoints' scales "
+            f"({','.join(map(str, sorted(sources)))})"
+        )
+    upscalers: dict[int, Upscaler] = {}
+    descs, configs = [], {}
+    for s in sorted(sources):
+        model, desc = model_source.load_model(sources[s], cfg, s)
+        upscalers[s] = _model_upscaler(cfg, model, on_tile)
+        descs.append(f"x{s}: {desc}")
+        configs[s] = dataclasses.asdict(model.config)
+    steps = {src.facts.step for src in sources.values()}
+    step = steps.pop() if len(steps) == 1 else None
+    return Method("dnlan", "DNLAN", "; ".join(descs), upscalers, configs[min(configs)], step)
