@@ -246,6 +246,9 @@ class EvalConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Autocast for the network (auto: bf16 on a GPU that has it, else fp32); hashing stays fp32.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # standard: MATLAB-style Y, SSIM on the valid region (what papers report); official: the
+    # reference repository's own Python evaluation, for comparison (README "Evaluation protocol")
+    protocol: Literal["standard", "official"] = "standard"
     workers: int = 1  # > 1: images spread over that many Ray actors (one GPU each if any)
     address: str | None = None  # Ray cluster for workers > 1 (default: RAY_ADDRESS or local)
 

@@ -160,6 +160,12 @@ def evaluate_cmd(
         Opt[str],
         typer.Option(help=_PRECISION_HELP),
     ] = None,
+    protocol: Annotated[
+        Opt[str],
+        typer.Option(
+            help="standard (MATLAB-style, as papers report) | official (the DNLAN repository's own Python evaluation, for comparison)."
+        ),
+    ] = None,
     workers: Annotated[
         Opt[int],
         typer.Option(
@@ -210,6 +216,7 @@ def evaluate_cmd(
             "precision": precision,
             "workers": workers,
             "address": address,
+            "protocol": protocol,
         },
     )
     result = evaluate(cfg)

@@ -27,7 +27,7 @@ class _Worker:
     """One Ray actor: the method's upscalers on this worker's device."""
 
     def __init__(self, upscalers: dict[int, Any], is_bicubic: bool, repeats: int, label: str,
-                 device: str) -> None:
+                 device: str, protocol: str) -> None:
         from pipeline.device import select_device
         from pipeline.evaluate.methods import ModelUpscaler
 
@@ -37,12 +37,14 @@ class _Worker:
             for s, u in upscalers.items()
         }
         self.is_bicubic, self.repeats, self.label = is_bicubic, repeats, label
+        self.protocol = protocol
 
     def run(self, bench, scale: int, path: Path):
         from pipeline.evaluate.runner import evaluate_file
 
         return evaluate_file(
-            self.upscalers[scale], self.is_bicubic, bench, path, scale, self.repeats, self.label
+            self.upscalers[scale], self.is_bicubic, bench, path, scale, self.repeats, self.label,
+            self.protocol,
         )
 
 
@@ -75,7 +77,7 @@ def _actor_options(workers: int) -> dict[str, Any]:
 @contextmanager
 def ray_images(
     upscalers: dict[int, Any], is_bicubic: bool, repeats: int, label: str, workers: int,
-    address: str | None, device: str = "auto",
+    address: str | None, device: str = "auto", protocol: str = "standard",
 ) -> Iterator[Any]:
     """An ``images(bench, scale, files)`` source for ``run_benchmarks`` backed by Ray actors.
 
@@ -93,7 +95,7 @@ def ray_images(
         ref = ray.put(portable(upscalers))
         cls = ray.remote(_Worker)
         actors = [
-            cls.options(**opts, scheduling_strategy="SPREAD").remote(ref, is_bicubic, repeats, label, device)
+            cls.options(**opts, scheduling_strategy="SPREAD").remote(ref, is_bicubic, repeats, label, device, protocol)
             for _ in range(workers)
         ]
         where = "GPU" if opts.get("num_gpus") else "CPU"

@@ -118,13 +118,15 @@ def _evaluate_image(
     scale: int,
     repeats: int,
     label: str,
+    protocol: str = "standard",
 ) -> _ImageResult:
     """Bicubic reference plus ``repeats`` runs of the method on one sample, scored."""
     t0 = time.perf_counter()
     bic = upscaler(sample.lr, 0) if is_bicubic else _resize(sample.lr, scale)
     bic_seconds = time.perf_counter() - t0
-    bic_p = metrics.psnr(bic, sample.hr, scale)
-    bic_s = metrics.ssim(bic, sample.hr, scale)
+    psnr_fn, ssim_fn = metrics.PROTOCOLS[protocol]
+    bic_p = psnr_fn(bic, sample.hr, scale)
+    bic_s = ssim_fn(bic, sample.hr, scale)
     rows, first, total = [], None, 0.0
     for k in range(repeats):
         if is_bicubic:
@@ -146,8 +148,8 @@ def _evaluate_image(
                 scale=scale,
                 image=sample.name,
                 repeat=k,
-                psnr=metrics.psnr(sr, sample.hr, scale),
-                ssim=metrics.ssim(sr, sample.hr, scale),
+                psnr=psnr_fn(sr, sample.hr, scale),
+                ssim=ssim_fn(sr, sample.hr, scale),
                 bicubic_psnr=bic_p,
                 bicubic_ssim=bic_s,
                 seconds=dt,
@@ -188,21 +190,26 @@ ImageSource = Callable[[Benchmark, int, list[Path]], Iterator[tuple[Sample, "_Im
 
 def evaluate_file(
     upscaler: Upscaler, is_bicubic: bool, bench: Benchmark, path: Path, scale: int, repeats: int,
-    label: str,
+    label: str, protocol: str = "standard",
 ) -> tuple[Sample, _ImageResult]:
     """Load one benchmark image and score the method on it: the unit of work of every worker."""
     sample = load_sample(bench, path, scale, _resize)
-    return sample, _evaluate_image(upscaler, is_bicubic, bench.name, sample, scale, repeats, label)
+    return sample, _evaluate_image(
+        upscaler, is_bicubic, bench.name, sample, scale, repeats, label, protocol
+    )
 
 
 def local_images(
-    upscalers: dict[int, Upscaler], is_bicubic: bool, repeats: int, label: str
+    upscalers: dict[int, Upscaler], is_bicubic: bool, repeats: int, label: str,
+    protocol: str = "standard",
 ) -> ImageSource:
     """Every image in this process, one after the other."""
 
     def images(bench: Benchmark, scale: int, files: list[Path]):
         for path in files:
-            yield evaluate_file(upscalers[scale], is_bicubic, bench, path, scale, repeats, label)
+            yield evaluate_file(
+                upscalers[scale], is_bicubic, bench, path, scale, repeats, label, protocol
+            )
 
     return images
 
@@ -353,6 +360,7 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
             f"evaluating {m.source} on {', '.join(b.name for b in prep.benchmarks)} "
             f"at x{', x'.join(map(str, m.scales))}"
             + (f" (tiling {cfg.tiling}, hash {cfg.hash})" if m.name != "bicubic" else "")
+            + (" with the official repository's protocol" if cfg.protocol == "official" else "")
         )
         writer = report.ResultWriter(prep.out_dir, flush_seconds)
         repeats = cfg.repeats if m.name != "bicubic" else 1
@@ -394,12 +402,13 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
 def _image_source(cfg: EvalConfig, m: Method, repeats: int) -> Iterator[ImageSource]:
     """This process for one worker; Ray actors for ``--workers N`` (N > 1)."""
     if cfg.workers <= 1:
-        yield local_images(m.upscalers, m.name == "bicubic", repeats, m.label)
+        yield local_images(m.upscalers, m.name == "bicubic", repeats, m.label, cfg.protocol)
         return
     from pipeline.evaluate.distributed import ray_images
 
     with ray_images(
-        m.upscalers, m.name == "bicubic", repeats, m.label, cfg.workers, cfg.address, cfg.device
+        m.upscalers, m.name == "bicubic", repeats, m.label, cfg.workers, cfg.address, cfg.device,
+        cfg.protocol,
     ) as images:
         yield images
 
