@@ -1,0 +1,64 @@
+"""`sr-pipeline export` (issue 15, item 4): a TorchScript file that reproduces our output on
+real images of any size with the fixed hash and records what it fixes; ONNX and
+exported-program refused in one line with the reason; an existing path refused."""
+
+from __future__ import annotations
+
+import json
+
+import fixtures_evaluate
+import numpy as np
+import torch
+from helpers import run_cli
+from PIL import Image
+
+from pipeline.evaluate.methods import ModelUpscaler
+from pipeline.model import load_checkpoint
+
+tiny_checkpoints = fixtures_evaluate.tiny_checkpoints
+
+
+def test_torchscript_export_reproduces_our_output_at_any_size(tiny_checkpoints, tmp_path, set5_dir):
+    out = tmp_path / "exports" / "tiny_x2.pt"
+    proc = run_cli("export", str(tiny_checkpoints.ours_x2), "--out", str(out), "--hash-seed", "4")
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {out} (torchscript, x2, rgb_range 1, fixed hash seed 4" in proc.stderr
+    side = json.loads((tmp_path / "exports" / "tiny_x2.pt.json").read_text())
+    extra = {"sr_pipeline.json": ""}
+    scripted = torch.jit.load(str(out), _extra_files=extra)
+    assert json.loads(extra["sr_pipeline.json"]) == side
+    assert (side["hash_mode"], side["hash_seed"], side["scale"], side["rgb_range"]) == ("fixed", 4, 2, 1.0)
+    assert side["model_config"]["n_hashlength"] == 7
+
+    up = ModelUpscaler(load_checkpoint(tiny_checkpoints.ours_x2), 2, tiling="none", hash_seed=4)
+    with Image.open(set5_dir / "butterfly.png") as im:
+        photo = np.asarray(im.convert("RGB"))[40:77, 30:71].copy()  # 41x37: real texture
+    for lr in (photo, photo[:3, :40], photo[:1, :1], photo[:5, :7]):
+        want = up.forward_float(lr)
+        x = torch.from_numpy(lr.transpose(2, 0, 1).copy())[None].float() / 255
+        with torch.no_grad():
+            got = scripted(x)
+        assert got.shape == want.shape
+        assert (got - want).abs().max().item() <= 1e-5, lr.shape
+
+
+def test_formats_that_cannot_hold_the_model_and_existing_paths(tiny_checkpoints, tmp_path):
+    out = tmp_path / "m.onnx"
+    for fmt, start in (
+        ("onnx", "error: ONNX cannot express DNLA's hashing"),
+        ("exported-program", "error: torch.export specialises DNLA's chunk padding"),
+        ("tflite", "error: --format must be one of torchscript, onnx, exported-program"),
+    ):
+        proc = run_cli("export", str(tiny_checkpoints.ours_x2), "--out", str(out), "--format", fmt)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith(start), proc.stderr
+    assert not out.exists()
+    taken = tmp_path / "taken.pt"
+    taken.write_bytes(b"someone's file")
+    proc = run_cli("export", str(tiny_checkpoints.ours_x2), "--out", str(taken))
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {taken}: already exists; pass --overwrite to replace it"
+    ]
+    assert taken.read_bytes() == b"someone's file"
+    assert not (tmp_path / "taken.pt.json").exists()
