@@ -42,10 +42,45 @@ def test_torchscript_export_reproduces_our_output_at_any_size(tiny_checkpoints, 
         assert (got - want).abs().max().item() <= 1e-5, lr.shape
 
 
+def test_onnx_export_through_onnxruntime_matches_ours(
+    tiny_checkpoints, tmp_path, set5_dir, monkeypatch
+):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "tiny_x2.onnx"
+    proc = run_cli("export", str(tiny_checkpoints.ours_x2), "--out", str(out), "--format", "onnx")
+    assert proc.returncode == 0, proc.stderr
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert (props["hash_mode"], props["hash_seed"], props["scale"], props["rgb_range"]) == (
+        "fixed", "0", "2", "1"
+    )
+    side = json.loads((tmp_path / "tiny_x2.onnx.json").read_text())
+    assert json.loads(props["sr_pipeline"]) == side and side["format"] == "onnx"
+    assert side["check"]["max_abs_diff"] <= 1e-3 and len(side["check"]["images"]) == 2
+
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    up = ModelUpscaler(load_checkpoint(tiny_checkpoints.ours_x2), 2, tiling="none", hash_seed=0)
+    with Image.open(set5_dir / "bird.png") as im:
+        photo = np.asarray(im.convert("RGB"))[60:108, 50:101].copy()  # 51x48, real
+    real_sort = torch.sort
+    for lr in (photo, photo[:3, :40], photo[:9, :5]):  # dynamic height and width
+        want = up.forward_float(lr).numpy()
+        x = (lr.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+        got = session.run(None, {"lr": x})[0]
+        assert got.shape == want.shape
+        # the issue asks for 1e-4; measured up to 1.3e-4 here, all of it from the tie order
+        # of the bucket sort (torch's CPU sort is not stable, ONNX's TopK is):
+        assert np.abs(got - want).max() <= 1e-3, lr.shape
+        with monkeypatch.context() as mp:  # test oracle only: our model with a stable sort
+            mp.setattr(torch, "sort", lambda t, dim=-1, **kw: real_sort(t, dim=dim, stable=True))
+            stable = up.forward_float(lr).numpy()
+        assert np.abs(got - stable).max() <= 1e-5, lr.shape
+
+
 def test_formats_that_cannot_hold_the_model_and_existing_paths(tiny_checkpoints, tmp_path):
-    out = tmp_path / "m.onnx"
+    out = tmp_path / "m.pt2"
     for fmt, start in (
-        ("onnx", "error: ONNX cannot express DNLA's hashing"),
         ("exported-program", "error: torch.export specialises DNLA's chunk padding"),
         ("tflite", "error: --format must be one of torchscript, onnx, exported-program"),
     ):
