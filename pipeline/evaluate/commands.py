@@ -222,7 +222,10 @@ def evaluate_cmd(
     result = evaluate(cfg)
     outcome = result.outcome
     typer.echo(
-        render_table(outcome.summaries, outcome.label, with_bicubic=outcome.method != "bicubic")
+        render_table(
+            outcome.summaries, outcome.label, with_bicubic=outcome.method != "bicubic",
+            protocol=cfg.protocol,
+        )
     )
     per_set = ", ".join(
         f"{b} x{s} {sec:.1f}s" for (b, s), sec in outcome.wall_seconds.items()
