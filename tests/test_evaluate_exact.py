@@ -184,3 +184,17 @@ def test_export_of_official_format_unchanged(tmp_path):
     torch.manual_seed(0)
     path = export_state_dict(tmp_path / "o.pt", build_model("tiny", 3))
     assert load_checkpoint(path).config.scale == 3
+
+
+def test_precision_request_survives_a_copy_for_another_device(models, capsys):
+    """On a CPU, bf16 falls back to fp32 with one warning; the request itself is kept, so the
+    copy a GPU worker makes (dataclasses.replace with its device) runs what was asked."""
+    import dataclasses
+
+    up = ModelUpscaler(models["random"], 2, tiling="none", precision="bf16")
+    assert "--precision bf16 needs a CUDA GPU; running in fp32 on cpu" in capsys.readouterr().err
+    assert (up.precision, up._precision) == ("bf16", "fp32")
+    copy = dataclasses.replace(up, device="cpu")
+    assert copy.precision == "bf16"
+    lr = np.random.default_rng(3).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(copy(lr), ModelUpscaler(models["random"], 2, tiling="none")(lr))

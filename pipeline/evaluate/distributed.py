@@ -49,11 +49,13 @@ class _Worker:
 
 
 def portable(upscalers: dict[int, Any]) -> dict[int, Any]:
-    """Copies without the driver's progress callbacks (they hold the terminal's progress bar)."""
+    """Copies to ship to the workers: on the CPU (a CUDA tensor would not load on a CPU-only
+    worker; each worker moves the model to its own device) and without the driver's progress
+    callbacks (they hold the terminal's progress bar). The driver runs no image itself."""
     from pipeline.evaluate.methods import ModelUpscaler
 
     return {
-        s: dataclasses.replace(u, on_tile=None) if isinstance(u, ModelUpscaler) else u
+        s: dataclasses.replace(u, on_tile=None, device="cpu") if isinstance(u, ModelUpscaler) else u
         for s, u in upscalers.items()
     }
 

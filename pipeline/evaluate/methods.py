@@ -72,6 +72,7 @@ class ModelUpscaler:
     label: str = "DNLAN"
     on_tile: Any = None
     _forward: Any = field(default=None, init=False, repr=False)
+    _precision: str = field(default="fp32", init=False, repr=False)
 
     def __post_init__(self) -> None:
         import torch
@@ -83,7 +84,9 @@ class ModelUpscaler:
             self.device = torch.device("cpu")
         self.device = torch.device(self.device)
         self.model = self.model.to(self.device).eval()
-        self.precision = resolve_precision(self.device, self.precision)
+        # resolved per device, the request kept: a copy made for a GPU worker (distributed.py)
+        # runs what was asked even when the driver has no GPU
+        self._precision = resolve_precision(self.device, self.precision)
         self.rgb_range = float(getattr(getattr(self.model, "config", None), "rgb_range", 1.0))
         self._forward = make_forward(
             self.model,
@@ -109,7 +112,7 @@ class ModelUpscaler:
         _ensure_hash_mode(self.model, self.hash_mode, self.hash_seed)
         if self.hash_mode == "stochastic":
             torch.manual_seed(self.hash_seed + repeat)
-        return sr_float(self._forward, lr, self.rgb_range, self.device, self.precision, peak)
+        return sr_float(self._forward, lr, self.rgb_range, self.device, self._precision, peak)
 
     def __call__(self, lr: np.ndarray, repeat: int = 0) -> np.ndarray:
         from pipeline.evaluate.infer import quantize_tensor
