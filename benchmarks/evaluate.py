@@ -88,7 +88,6 @@ def worker(case: dict) -> dict:
     import torch
 
     from pipeline.evaluate import tiling
-    from pipeline.evaluate.methods import min_side_for
     from pipeline.model import build_model, set_hash_mode
 
     torch.set_num_threads(case["threads"])
@@ -116,8 +115,7 @@ def worker(case: dict) -> dict:
 
     counted = Counted(model)
     mode = case["mode"]
-    fwd = tiling.make_forward(counted, SCALE, tiling=mode, tile=case["tile"], overlap=case["overlap"],
-                              min_side=min_side_for(model))  # fmt: skip
+    fwd = tiling.make_forward(counted, SCALE, tiling=mode, tile=case["tile"], overlap=case["overlap"])
     tiling.forward_whole(model, torch.rand(1, 3, 48, 48))  # warm-up: kernels, allocator
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     base = _status()["VmRSS"]

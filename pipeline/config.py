@@ -26,6 +26,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 from pipeline.console import UserError
 
 SCALES = (2, 3, 4)
+# Overlap tiling, LR pixels, for the library and every command alike. 192/16 recomputes
+# (192/160)^2 = 1.44x the pixels (96/16 would be 2.25x) and keeps a paper-model tile well
+# under 1 GB (benchmarks/RESULTS.md).
+DEFAULT_TILE = 192
+DEFAULT_TILE_OVERLAP = 16
 
 
 class ConfigError(UserError):
@@ -240,10 +245,8 @@ class EvalConfig:
     scales: list[int] = field(default_factory=list)
     max_images: int = 0  # 0 = all images of each benchmark
     tiling: Literal["none", "reference", "overlap"] = "reference"
-    # Overlap tiling, LR pixels. 192/16 recomputes (192/160)^2 = 1.44x the pixels (96/16 would
-    # be 2.25x) and keeps a paper-model tile well under 1 GB (benchmarks/RESULTS.md).
-    tile: int = 192
-    tile_overlap: int = 16
+    tile: int = DEFAULT_TILE  # overlap tiling, LR pixels (see DEFAULT_TILE)
+    tile_overlap: int = DEFAULT_TILE_OVERLAP
     self_ensemble: bool = False
     hash: Literal["fixed", "stochastic"] = "fixed"
     hash_seed: int = 0
@@ -256,6 +259,13 @@ class EvalConfig:
     tracking_uri: str | None = None
     experiment: str = "dnlan-eval"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Autocast for the network (auto: bf16 on a GPU that has it, else fp32); hashing stays fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
+    # standard: MATLAB-style Y, SSIM on the valid region (what papers report); official: the
+    # reference repository's own Python evaluation, for comparison (README "Evaluation protocol")
+    protocol: Literal["standard", "official"] = "standard"
+    workers: int = 1  # > 1: images spread over that many Ray actors (one GPU each if any)
+    address: str | None = None  # Ray cluster for workers > 1 (default: RAY_ADDRESS or local)
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -273,6 +283,7 @@ class EvalConfig:
                 f"tile_overlap must be >= 0 and less than half the tile ({self.tile}), got {self.tile_overlap}"
             )
         _positive(self.repeats, "repeats")
+        _positive(self.workers, "workers")
         if self.repeats > 1 and self.hash != "stochastic":
             raise ConfigError(
                 "repeats > 1 needs hash=stochastic (fixed hashing gives the same number every time)"

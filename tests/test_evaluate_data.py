@@ -227,8 +227,9 @@ def test_images_too_small_to_score_are_refused_up_front(tmp_path):
     assert check_inputs([bench], [2, 3]) == 2  # x2: 18 >= 15, x3: 18 >= 17
     with pytest.raises(UserError) as err:
         check_inputs([bench], [2, 4])
-    assert str(err.value).startswith(f"{d / 'b.png'}: image is 40x18, too small to score at x4 "
-                                     "(needs at least 19 px per side")  # fmt: skip
+    assert str(err.value).startswith(f"{d / 'b.png'}: image is 40x18 (40x16 after cropping to a "
+                                     "multiple of 4), too small to score at x4 (needs at least "
+                                     "19 px per side")  # fmt: skip
 
 
 def test_results_are_written_while_the_loop_runs(mini_bench, tmp_path):

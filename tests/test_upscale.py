@@ -156,8 +156,8 @@ def test_existing_outputs_are_refused_unless_overwrite(user_images, tmp_path):
     proc = run_cli("upscale", *args)
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
-        f"error: {out / 'photo_x2.png'}: already exists; pass --overwrite to replace it, or "
-        "choose another --out"
+        f"error: {out / 'photo_x2.png'}: already exists; pass --overwrite to replace it, "
+        "--skip-existing to keep it, or choose another --out"
     ]
     assert _digest(out) == before  # checked before anything is written: grey_x2.png neither
     proc = run_cli("upscale", *args, "--overwrite")

@@ -115,6 +115,8 @@ def resolve_benchmarks(names: list[str], data_dir: str | Path | None) -> list[Be
     """All requested benchmarks, checked up front (folder exists, holds images)."""
     out = []
     seen = set()
+    if any(n.strip().lower() == "all" for n in names):  # --benchmarks all: the standard five
+        names = [n for n in names if n.strip().lower() != "all"] + list(KNOWN_BENCHMARKS)
     for name in names:
         bench = resolve_benchmark(name, data_dir)
         if bench.root in seen:
@@ -175,9 +177,12 @@ def check_files(bench: Benchmark, hr_path: Path, scales: list[int]) -> None:
     for scale in scales:
         used = (hr_wh[0] // scale * scale, hr_wh[1] // scale * scale)
         if min(used) < min_hr_side(scale):
+            cropped = "" if used == hr_wh else (
+                f" ({used[0]}x{used[1]} after cropping to a multiple of {scale})"
+            )
             raise UserError(
-                f"{hr_path}: image is {hr_wh[0]}x{hr_wh[1]}, too small to score at x{scale} "
-                f"(needs at least {min_hr_side(scale)} px per side: {scale} px shaved from "
+                f"{hr_path}: image is {hr_wh[0]}x{hr_wh[1]}{cropped}, too small to score at "
+                f"x{scale} (needs at least {min_hr_side(scale)} px per side: {scale} px shaved from "
                 f"each border plus the {SSIM_WINDOW}x{SSIM_WINDOW} SSIM window)"
             )
         lp = lr_file(bench, hr_path, scale)

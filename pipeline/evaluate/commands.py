@@ -18,6 +18,12 @@ _TILING_HELP = (
 )
 
 
+_PRECISION_HELP = (
+    "fp32 (default) | bf16 | fp16 | auto (bf16 where the GPU has it): autocast for the network "
+    "on a GPU; hashing stays fp32; on a CPU everything runs fp32 (one warning)."
+)
+
+
 def _split(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -38,7 +44,7 @@ def evaluate_cmd(
     checkpoint: Annotated[
         Opt[str],
         typer.Option(
-            help="Our checkpoint file, a Ray checkpoint folder (holding model.pt) or an official DNLAN state_dict."
+            help="Our checkpoint file, a Ray checkpoint folder (holding model.pt) or an official DNLAN state_dict; a comma list of one per scale (x2.pt,x3.pt,x4.pt) evaluates them all in one run."
         ),
     ] = None,
     run_id: Annotated[
@@ -57,7 +63,7 @@ def evaluate_cmd(
     benchmarks: Annotated[
         Opt[str],
         typer.Option(
-            help="Comma list: Set5,Set14,B100,Urban100,Manga109, or folders of HR images."
+            help="Comma list: Set5,Set14,B100,Urban100,Manga109 (all: the five), or folders of HR images."
         ),
     ] = None,
     scale: Annotated[
@@ -83,7 +89,9 @@ def evaluate_cmd(
         typer.Option("--set", help="Override one value: KEY=VALUE (e.g. model.n_feats=128)."),
     ] = None,
     tiling: Annotated[Opt[str], typer.Option(help=_TILING_HELP)] = None,
-    tile: Annotated[Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels.")] = None,
+    tile: Annotated[
+        Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels (default 192).")
+    ] = None,
     tile_overlap: Annotated[
         Opt[int],
         typer.Option("--tile-overlap", help="Overlap tiling: context pixels on each inner side."),
@@ -148,6 +156,28 @@ def evaluate_cmd(
         ),
     ] = None,
     device: Annotated[Opt[str], typer.Option(help="auto | cpu | cuda")] = None,
+    precision: Annotated[
+        Opt[str],
+        typer.Option(help=_PRECISION_HELP),
+    ] = None,
+    protocol: Annotated[
+        Opt[str],
+        typer.Option(
+            help="standard (MATLAB-style, as papers report) | official (the DNLAN repository's own Python evaluation, for comparison)."
+        ),
+    ] = None,
+    workers: Annotated[
+        Opt[int],
+        typer.Option(
+            help="Spread the images over N Ray workers (one GPU each where the cluster has GPUs); results equal one worker's."
+        ),
+    ] = None,
+    address: Annotated[
+        Opt[str],
+        typer.Option(
+            help="Ray cluster for --workers (default: RAY_ADDRESS, else a local instance on 127.0.0.1)."
+        ),
+    ] = None,
 ) -> None:
     """PSNR/SSIM on the standard SR benchmarks (Y channel, shave = scale), as papers report them."""
     from pathlib import Path
@@ -183,13 +213,24 @@ def evaluate_cmd(
             "experiment": experiment,
             "use_ema": ema,
             "device": device,
+            "precision": precision,
+            "workers": workers,
+            "address": address,
+            "protocol": protocol,
         },
     )
     result = evaluate(cfg)
     outcome = result.outcome
     typer.echo(
-        render_table(outcome.summaries, outcome.label, with_bicubic=outcome.method != "bicubic")
+        render_table(
+            outcome.summaries, outcome.label, with_bicubic=outcome.method != "bicubic",
+            protocol=cfg.protocol,
+        )
     )
+    per_set = ", ".join(
+        f"{b} x{s} {sec:.1f}s" for (b, s), sec in outcome.wall_seconds.items()
+    )
+    console.info(f"total time {outcome.total_seconds:.1f}s ({per_set})")
     console.info(f"per-image results: {result.csv_path}")
     if result.figure_paths:
         console.info(f"figures: {Path(result.figure_paths[0]).parent}")
@@ -229,10 +270,12 @@ def upscale_cmd(
         Opt[list[str]], typer.Option("--set", help="Override one value: KEY=VALUE.")
     ] = None,
     tiling: Annotated[str, typer.Option(help=_TILING_HELP)] = "overlap",
-    tile: Annotated[int, typer.Option(help="Overlap tiling: tile side in LR pixels.")] = 192,
+    tile: Annotated[
+        Opt[int], typer.Option(help="Overlap tiling: tile side in LR pixels (default 192).")
+    ] = None,
     tile_overlap: Annotated[
-        int, typer.Option("--tile-overlap", help="Overlap tiling: context pixels.")
-    ] = 16,
+        Opt[int], typer.Option("--tile-overlap", help="Overlap tiling: context pixels (default 16).")
+    ] = None,
     self_ensemble: Annotated[
         bool,
         typer.Option("--self-ensemble/--no-self-ensemble", help="Average the 8 flips/transposes."),
@@ -246,6 +289,10 @@ def upscale_cmd(
         bool, typer.Option("--ema/--no-ema", help="Use EMA weights when present.")
     ] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    precision: Annotated[
+        Opt[str],
+        typer.Option(help=_PRECISION_HELP),
+    ] = None,
     overwrite: Annotated[
         bool,
         typer.Option(
@@ -253,14 +300,39 @@ def upscale_cmd(
             help="Replace existing files in --out (never the input images themselves).",
         ),
     ] = False,
+    skip_existing: Annotated[
+        bool,
+        typer.Option(
+            "--skip-existing/--no-skip-existing",
+            help="Leave outputs that already exist alone and skip their inputs (resume a folder).",
+        ),
+    ] = False,
+    out_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="Output format: png (lossless) | jpg | webp | same (the input's, PNG otherwise).",
+        ),
+    ] = "png",
+    quality: Annotated[
+        int, typer.Option(help="JPEG/WebP quality, 1-100.", min=1, max=100)
+    ] = 95,
+    keep_16bit: Annotated[
+        bool,
+        typer.Option(
+            "--keep-16bit/--no-keep-16bit",
+            help="16-bit PNG inputs give 16-bit PNG outputs (default: 8-bit, like every other input).",
+        ),
+    ] = False,
 ) -> None:
-    """Super-resolve your own images (PNG/JPEG, any size, RGB/grey/alpha); inputs are never overwritten."""
+    """Super-resolve your own images and photos (any size, RGB/grey/alpha, EXIF orientation, ICC
+    profile kept); inputs are never overwritten."""
     import tempfile
     from pathlib import Path
 
     from pipeline import console
     from pipeline.evaluate.methods import method_from_config
-    from pipeline.evaluate.photos import collect_inputs, output_paths, upscale_files
+    from pipeline.evaluate.photos import collect_inputs, output_paths, output_suffix, upscale_files
 
     cfg = _load(
         preset,
@@ -280,15 +352,19 @@ def upscale_cmd(
             "tracking_uri": tracking_uri,
             "use_ema": ema,
             "device": device,
+            "precision": precision,
             "mlflow": False,
         },
     )
     if cfg.method == "bicubic" and not cfg.scales:
         raise console.UserError("--model bicubic needs --scale")
+    output_suffix(Path("x.png"), out_format)  # a bad --format fails before anything else
+    if skip_existing and overwrite:
+        raise console.UserError("--skip-existing and --overwrite contradict each other; pick one")
     files = collect_inputs(inputs)
     s = cfg.scales[0] if cfg.scales else None
     if s is not None:  # refuse clashing outputs before loading a model (known scale only)
-        output_paths(files, Path(out).expanduser(), s, overwrite)
+        output_paths(files, Path(out).expanduser(), s, overwrite, out_format, skip_existing)
     uri = None
     if cfg.run_id:
         from pipeline.tracking import check_reachable, resolve_uri
@@ -298,17 +374,29 @@ def upscale_cmd(
     with tempfile.TemporaryDirectory(prefix="sr-upscale-") as tmp:
         method = method_from_config(cfg, Path(tmp), uri)
         s = method.scales[0]
-        written = upscale_files(
+        summary = upscale_files(
             files,
             Path(out).expanduser(),
             method.upscalers[s],
             s,
             f" ({method.label})",
             overwrite=overwrite,
+            fmt=out_format,
+            quality=quality,
+            keep_16bit=keep_16bit,
+            skip_existing=skip_existing,
         )
-    console.info(f"wrote {len(written)} image(s) to {Path(out).expanduser()}")
+    console.info(summary.line(Path(out).expanduser()))
+    if summary.failed:
+        raise console.UserError(
+            f"{len(summary.failed)} of {len(files)} image(s) could not be upscaled: "
+            + "; ".join(f"{p.name} ({why.split(': ', 1)[-1]})" for p, why in summary.failed)
+        )
 
 
 def register(app: typer.Typer) -> None:
     app.command("evaluate")(evaluate_cmd)
     app.command("upscale")(upscale_cmd)
+    from pipeline.evaluate.export_commands import export_cmd
+
+    app.command("export")(export_cmd)

@@ -185,3 +185,58 @@ def quantize(sr: np.ndarray, rgb_range: float = 1.0) -> np.ndarray:
     """Model output in [0, rgb_range] (any float array) -> uint8, as the reference saves it."""
     arr = np.asarray(sr, dtype=np.float64) * (255.0 / rgb_range)
     return np.clip(np.round(arr), 0, 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The official repository's own Python evaluation (``--protocol official``), for comparison
+# ---------------------------------------------------------------------------------------------
+
+# Its Y row: the +16 offset dropped (it cancels in PSNR's difference; it does not in SSIM).
+_OFFICIAL_Y = np.array([65.738, 129.057, 25.064]) / 256.0
+
+
+def official_y(img: np.ndarray) -> np.ndarray:
+    """Y as the reference's test loop computes it: grey images are repeated to three channels
+    first (its data loader does that), then the offset-free Y row. On a grey image this is
+    0.859 x the grey value, which is why its PSNR on grey images is ~1.3 dB higher."""
+    arr = _as_float(img)
+    _check_image(arr, "official_y")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    return arr @ _OFFICIAL_Y
+
+
+def psnr_official(sr: np.ndarray, hr: np.ndarray, scale: int) -> float:
+    """The reference's ``calc_psnr`` on a benchmark: Y difference, shave = scale, peak 255."""
+    a, b = official_y(sr), official_y(hr)
+    if a.shape != b.shape:
+        raise ValueError(f"SR shape {a.shape} != HR shape {b.shape}")
+    diff = shave(a, scale) - shave(b, scale)
+    err = float(np.mean(diff * diff))
+    return float("inf") if err == 0.0 else float(10.0 * np.log10(PEAK * PEAK / err))
+
+
+def ssim_official(sr: np.ndarray, hr: np.ndarray, scale: int) -> float:
+    """The reference's ``--ssim``: offset-free Y, shave = scale, 11x11 Gaussian over the
+    *whole* image (``convolve2d`` mode 'same', symmetric boundary: border windows included)."""
+    a, b = shave(official_y(sr), scale), shave(official_y(hr), scale)
+    half = SSIM_WINDOW // 2
+    if min(a.shape) <= half:  # a symmetric pad needs that many pixels to mirror
+        raise ValueError(f"image {a.shape[1]}x{a.shape[0]} is too small for the SSIM window")
+    g = gaussian_window()
+    c1 = (SSIM_K1 * PEAK) ** 2
+    c2 = (SSIM_K2 * PEAK) ** 2
+
+    def filt(x: np.ndarray) -> np.ndarray:
+        return _filter_valid(np.pad(x, half, mode="symmetric"), g)
+
+    mu_a, mu_b = filt(a), filt(b)
+    var_a = filt(a * a) - mu_a * mu_a
+    var_b = filt(b * b) - mu_b * mu_b
+    cov = filt(a * b) - mu_a * mu_b
+    num = (2.0 * mu_a * mu_b + c1) * (2.0 * cov + c2)
+    den = (mu_a * mu_a + mu_b * mu_b + c1) * (var_a + var_b + c2)
+    return float((num / den).mean())
+
+
+PROTOCOLS = {"standard": (psnr, ssim), "official": (psnr_official, ssim_official)}

@@ -119,18 +119,41 @@ def model_overrides(cfg: EvalConfig) -> tuple[str | None, dict[str, Any]]:
     return preset, overrides
 
 
-def load_model(path: Path, cfg: EvalConfig, scale: int | None) -> tuple[Any, str]:
-    """The network (eval mode, CPU) and a short description of where it came from."""
-    from pipeline.model import load_checkpoint, read_checkpoint
-    from pipeline.model.checkpoint import load_state_dict_strict
+@dataclasses.dataclass(frozen=True)
+class CheckpointFacts:
+    scale: int
+    step: int | None  # training step of the weights (None: official file or not recorded)
 
+
+@dataclasses.dataclass
+class LoadedModel:
+    """One read of a checkpoint: what it says about itself, and (after :func:`load_model`)
+    the network. Reading it once matters for large files on network storage."""
+
+    path: Path
+    ckpt: dict[str, Any]
+    facts: CheckpointFacts
+
+
+def read_source(path: Path) -> LoadedModel:
+    """Read ``path`` (once) and the facts the caller checks before building the network."""
+    from pipeline.model import read_checkpoint
+
+    with _no_pickle_protocol_warning():
+        ckpt = read_checkpoint(path)
+    return LoadedModel(path, ckpt, facts_of(path, ckpt))
+
+
+def load_model(source: LoadedModel, cfg: EvalConfig, scale: int | None) -> tuple[Any, str]:
+    """The network (eval mode, CPU) and a short description of where it came from."""
+    from pipeline.model.checkpoint import load_state_dict_strict, model_from_checkpoint
+
+    path, ckpt = source.path, source.ckpt
     preset, overrides = model_overrides(cfg)
     with _no_pickle_protocol_warning():
-        model = load_checkpoint(path, preset=preset, scale=scale, **overrides)
+        model = model_from_checkpoint(ckpt, path, preset=preset, scale=scale, **overrides)
     desc = str(path)
     if cfg.use_ema:
-        with _no_pickle_protocol_warning():
-            ckpt = read_checkpoint(path)
         ema = ckpt.get("ema_state_dict")
         if ema:
             load_state_dict_strict(model, ema, f"{path} (ema_state_dict)")
@@ -139,20 +162,11 @@ def load_model(path: Path, cfg: EvalConfig, scale: int | None) -> tuple[Any, str
     return model.eval(), desc
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointFacts:
-    scale: int
-    step: int | None  # training step of the weights (None: official file or not recorded)
-
-
-def checkpoint_facts(path: Path) -> CheckpointFacts:
+def facts_of(path: Path, ckpt: dict[str, Any]) -> CheckpointFacts:
     """The scale recorded in our checkpoint (or inferred from an official one's upsampler), and
     the training step our trainer records, which places an evaluation on the run's step axis."""
-    from pipeline.model import read_checkpoint
     from pipeline.model.checkpoint import infer_architecture
 
-    with _no_pickle_protocol_warning():
-        ckpt = read_checkpoint(path)
     step = ckpt.get("step")
     step = int(step) if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
     if "scale" in ckpt:
@@ -161,3 +175,8 @@ def checkpoint_facts(path: Path) -> CheckpointFacts:
         return CheckpointFacts(int(infer_architecture(ckpt["state_dict"])["scale"]), step)
     except UserError as exc:
         raise UserError(f"{path}: {exc}") from None
+
+
+def checkpoint_facts(path: Path) -> CheckpointFacts:
+    """:func:`facts_of` for a path (reads the file)."""
+    return read_source(path).facts

@@ -46,7 +46,9 @@ def format_seconds(value: float) -> str:
     return f"{rounded:.{digits}f}"
 
 
-def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True) -> str:
+def render_table(
+    summaries: list[Summary], label: str, with_bicubic: bool = True, protocol: str = "standard"
+) -> str:
     """Plain-text table (stdout stays machine-friendly: no colour codes).
 
     ``with_bicubic`` adds the bicubic baseline of the same images next to the method.
@@ -92,6 +94,9 @@ def render_table(summaries: list[Summary], label: str, with_bicubic: bool = True
             )
         )
     note = "PSNR/SSIM on Y (BT.601), shave = scale; seconds = time in the method"
+    if protocol == "official":
+        note = ("official repository's protocol (grey repeated to RGB before Y; SSIM offset-free, "
+                "whole image); shave = scale; seconds = time in the method")  # fmt: skip
     if stochastic:
         note += f"; mean ± sample std over {summaries[0].repeats} random hash draws"
     return "\n".join(lines) + f"\n({note})"

@@ -68,6 +68,9 @@ class Outcome:
     source: str = ""
     model_config: dict[str, Any] | None = None
     step: int | None = None  # training step of the evaluated weights, when known
+    # wall-clock seconds per (benchmark, scale) and for the whole run (reading, method, metrics)
+    wall_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
+    total_seconds: float = 0.0
 
     @property
     def images_done(self) -> int:

@@ -7,9 +7,10 @@ itself: it must reproduce the literature's bicubic numbers.
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -117,13 +118,15 @@ def _evaluate_image(
     scale: int,
     repeats: int,
     label: str,
+    protocol: str = "standard",
 ) -> _ImageResult:
     """Bicubic reference plus ``repeats`` runs of the method on one sample, scored."""
     t0 = time.perf_counter()
     bic = upscaler(sample.lr, 0) if is_bicubic else _resize(sample.lr, scale)
     bic_seconds = time.perf_counter() - t0
-    bic_p = metrics.psnr(bic, sample.hr, scale)
-    bic_s = metrics.ssim(bic, sample.hr, scale)
+    psnr_fn, ssim_fn = metrics.PROTOCOLS[protocol]
+    bic_p = psnr_fn(bic, sample.hr, scale)
+    bic_s = ssim_fn(bic, sample.hr, scale)
     rows, first, total = [], None, 0.0
     for k in range(repeats):
         if is_bicubic:
@@ -145,8 +148,8 @@ def _evaluate_image(
                 scale=scale,
                 image=sample.name,
                 repeat=k,
-                psnr=metrics.psnr(sr, sample.hr, scale),
-                ssim=metrics.ssim(sr, sample.hr, scale),
+                psnr=psnr_fn(sr, sample.hr, scale),
+                ssim=ssim_fn(sr, sample.hr, scale),
                 bicubic_psnr=bic_p,
                 bicubic_ssim=bic_s,
                 seconds=dt,
@@ -182,6 +185,35 @@ def _summarise(
     )
 
 
+ImageSource = Callable[[Benchmark, int, list[Path]], Iterator[tuple[Sample, "_ImageResult"]]]
+
+
+def evaluate_file(
+    upscaler: Upscaler, is_bicubic: bool, bench: Benchmark, path: Path, scale: int, repeats: int,
+    label: str, protocol: str = "standard",
+) -> tuple[Sample, _ImageResult]:
+    """Load one benchmark image and score the method on it: the unit of work of every worker."""
+    sample = load_sample(bench, path, scale, _resize)
+    return sample, _evaluate_image(
+        upscaler, is_bicubic, bench.name, sample, scale, repeats, label, protocol
+    )
+
+
+def local_images(
+    upscalers: dict[int, Upscaler], is_bicubic: bool, repeats: int, label: str,
+    protocol: str = "standard",
+) -> ImageSource:
+    """Every image in this process, one after the other."""
+
+    def images(bench: Benchmark, scale: int, files: list[Path]):
+        for path in files:
+            yield evaluate_file(
+                upscalers[scale], is_bicubic, bench, path, scale, repeats, label, protocol
+            )
+
+    return images
+
+
 def run_benchmarks(
     upscalers: dict[int, Upscaler],
     method: str,
@@ -193,6 +225,7 @@ def run_benchmarks(
     figure_images: int = 3,
     save_dir: Path | None = None,
     on_update: Callable[[Outcome, bool], None] | None = None,
+    images: ImageSource | None = None,
 ) -> Outcome:
     """Evaluate ``upscalers[scale]`` on every benchmark and scale with the standard protocol.
 
@@ -200,11 +233,17 @@ def run_benchmarks(
     bicubic method it *is* the output, so it runs once. ``on_update(outcome, group_done)`` is
     called after every image with the outcome so far (rows of every scored image, summaries of
     the completed benchmark x scale pairs), so a caller can keep results on disk as they come.
+    ``images(bench, scale, files)`` yields ``(sample, result)`` per file in order: here
+    (:func:`local_images`) or on Ray workers (:mod:`pipeline.evaluate.distributed`); the
+    bookkeeping is the same either way, so the table is too.
     """
     from pipeline.imageio import write_png
 
     out = Outcome(method=method, label=label)
     is_bicubic = method == "bicubic"
+    if images is None:
+        images = local_images(upscalers, is_bicubic, repeats, label)
+    t_all = time.perf_counter()
     for bench in benchmarks:
         files = benchmark_files(bench, max_images)
         for scale in scales:
@@ -212,12 +251,9 @@ def run_benchmarks(
             seconds = 0.0
             candidates: list[FigureRow] = []
             total = len(files) * repeats
+            t_set = time.perf_counter()
             with console.progress_bar(f"{bench.name} x{scale}", total=total, unit="img") as bar:
-                for path in files:
-                    sample = load_sample(bench, path, scale, _resize)
-                    res = _evaluate_image(
-                        upscalers[scale], is_bicubic, bench.name, sample, scale, repeats, label
-                    )
+                for path, (sample, res) in zip(files, images(bench, scale, files), strict=True):
                     rows += res.rows
                     out.rows += res.rows
                     seconds += res.seconds
@@ -240,10 +276,12 @@ def run_benchmarks(
                     if on_update is not None and path != files[-1]:
                         on_update(out, False)
             out.summaries.append(_summarise(bench.name, scale, rows, repeats, seconds))
+            out.wall_seconds[(bench.name, scale)] = time.perf_counter() - t_set
             if candidates:
                 out.figures[(bench.name, scale)] = candidates
             if on_update is not None:
                 on_update(out, True)
+    out.total_seconds = time.perf_counter() - t_all
     return out
 
 
@@ -322,21 +360,25 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
             f"evaluating {m.source} on {', '.join(b.name for b in prep.benchmarks)} "
             f"at x{', x'.join(map(str, m.scales))}"
             + (f" (tiling {cfg.tiling}, hash {cfg.hash})" if m.name != "bicubic" else "")
+            + (" with the official repository's protocol" if cfg.protocol == "official" else "")
         )
         writer = report.ResultWriter(prep.out_dir, flush_seconds)
+        repeats = cfg.repeats if m.name != "bicubic" else 1
         try:
-            outcome = run_benchmarks(
-                m.upscalers,
-                m.name,
-                m.label,
-                prep.benchmarks,
-                m.scales,
-                repeats=cfg.repeats if m.name != "bicubic" else 1,
-                max_images=cfg.max_images,
-                figure_images=cfg.figure_images,
-                save_dir=prep.out_dir / "images" if cfg.save_images else None,
-                on_update=writer.update,
-            )
+            with _image_source(cfg, m, repeats) as images:
+                outcome = run_benchmarks(
+                    m.upscalers,
+                    m.name,
+                    m.label,
+                    prep.benchmarks,
+                    m.scales,
+                    repeats=repeats,
+                    max_images=cfg.max_images,
+                    figure_images=cfg.figure_images,
+                    save_dir=prep.out_dir / "images" if cfg.save_images else None,
+                    on_update=writer.update,
+                    images=images,
+                )
         except BaseException:
             _keep_partial(writer, prep.images * len(m.scales))
             raise
@@ -354,6 +396,21 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
 
             result.run_id, result.run_link = log_evaluation(cfg, result, prep.tracking_uri)
         return result
+
+
+@contextlib.contextmanager
+def _image_source(cfg: EvalConfig, m: Method, repeats: int) -> Iterator[ImageSource]:
+    """This process for one worker; Ray actors for ``--workers N`` (N > 1)."""
+    if cfg.workers <= 1:
+        yield local_images(m.upscalers, m.name == "bicubic", repeats, m.label, cfg.protocol)
+        return
+    from pipeline.evaluate.distributed import ray_images
+
+    with ray_images(
+        m.upscalers, m.name == "bicubic", repeats, m.label, cfg.workers, cfg.address, cfg.device,
+        cfg.protocol,
+    ) as images:
+        yield images
 
 
 def _keep_partial(writer: ResultWriter, total: int) -> None:

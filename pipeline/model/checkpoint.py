@@ -359,11 +359,36 @@ def load_state_dict_strict(model: DNLAN, state: Mapping[str, Tensor], source: st
 
 
 def _rgb_range_of(state: Mapping[str, Tensor]) -> float | None:
+    """rgb_range as ``sub_mean`` stores it (bias = -rgb_range * DIV2K mean), to the precision
+    of the stored dtype.
+
+    A half-precision bias holds only ~3 significant digits (1.0 comes back as 0.9998), so the
+    value is the simplest decimal (fewest digits, integers first) within that precision of
+    the mean over the three channels: 1 and 255 from an fp16 file, not 0.9998 and 254.9.
+    """
     bias = state.get("sub_mean.bias")
     if bias is None or bias.numel() != 3:
         return None
-    value = float(-bias[0]) / DIV2K_RGB_MEAN[0]
-    return round(value, 4)
+    values = [-float(b) / m for b, m in zip(bias.double().tolist(), DIV2K_RGB_MEAN, strict=True)]
+    value = sum(values) / 3
+    eps = torch.finfo(bias.dtype).eps if bias.dtype.is_floating_point else 1e-7
+    tol = 4 * eps * abs(value)
+    for digits in range(7):
+        candidate = round(value, digits)
+        if abs(candidate - value) <= tol:
+            return float(candidate)
+    return value
+
+
+def _attention_index(state: Mapping[str, Tensor]) -> int:
+    found = [
+        int(m.group(1))
+        for k in state
+        if (m := re.fullmatch(r"body\.0\.body\.(\d+)\.conv_match\.0\.weight", k))
+    ]
+    if not found:
+        raise KeyError("body.0.body.<n_resblocks>.conv_match.0.weight")
+    return min(found)
 
 
 def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
@@ -378,9 +403,14 @@ def infer_architecture(state: Mapping[str, Tensor]) -> dict[str, Any]:
         groups = 0
         while f"body.{groups}.body.0.body.0.weight" in state:
             groups += 1
-        blocks = 0
-        while f"body.0.body.{blocks}.body.0.weight" in state:
-            blocks += 1
+        # The attention layer follows the residual blocks of a group, so its index is the
+        # block count; counting blocks up to the first gap would blame the wrong key when a
+        # block in the middle is missing.
+        blocks = _attention_index(state)
+        for i in range(blocks):
+            key = f"body.0.body.{i}.body.0.weight"
+            if key not in state:
+                raise KeyError(key)
         match = state[f"body.0.body.{blocks}.conv_match.0.weight"]
         reduction = feats // int(match.shape[0])
         up = int(state["tail.0.0.weight"].shape[0])
@@ -471,7 +501,17 @@ def load_checkpoint(path: str | Path, preset: str | None = None, scale: int | No
     if scale is not None and not _valid_scale(scale):
         # checked before anything else so that no path can quietly substitute another scale
         raise ConfigError(f"{path}: cannot load as scale {scale!r}: scale must be 2, 3 or 4")
-    ckpt = read_checkpoint(path)
+    return model_from_checkpoint(read_checkpoint(path), path, preset, scale, **overrides)
+
+
+def model_from_checkpoint(ckpt: Mapping[str, Any], path: str | Path, preset: str | None = None,
+                          scale: int | None = None, **overrides: Any) -> DNLAN:
+    """:func:`load_checkpoint` on a dict :func:`read_checkpoint` already returned (``path``
+    names it in messages), so a caller that also needs the step or the EMA weights reads the
+    file once."""
+    path = Path(path)
+    if scale is not None and not _valid_scale(scale):
+        raise ConfigError(f"{path}: cannot load as scale {scale!r}: scale must be 2, 3 or 4")
     if "format" in ckpt:
         cfg = _config_from_ours(path, ckpt, scale, overrides)
     else:

@@ -31,15 +31,11 @@ class ValResult:
 
 
 def super_resolve(model: torch.nn.Module, lr: np.ndarray, scale: int, rgb_range: float, device: torch.device) -> np.ndarray:
-    """uint8 HxWx3 LR -> uint8 SR (quantised as the reference saves its outputs)."""
-    from pipeline.evaluate.metrics import quantize
-    from pipeline.evaluate.tiling import forward_reference_chop
+    """uint8 HxWx3 LR -> uint8 SR through the LR-to-SR path `evaluate` and `upscale` use."""
+    from pipeline.evaluate.infer import lr_to_sr
+    from pipeline.evaluate.tiling import make_forward
 
-    x = torch.from_numpy(np.ascontiguousarray(lr.transpose(2, 0, 1))).unsqueeze(0)
-    x = x.to(device).float().mul_(rgb_range / 255.0)
-    with torch.no_grad():
-        y = forward_reference_chop(model, x, scale)
-    return quantize(y[0].permute(1, 2, 0).float().cpu().numpy(), rgb_range)
+    return lr_to_sr(make_forward(model, scale, tiling="reference"), lr, rgb_range, device)
 
 
 def validate(
