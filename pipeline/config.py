@@ -118,7 +118,8 @@ class TrainConfig:
     val_data: str | None = None  # alternative: a folder of HR images (benchmark layout or plain)
     patch_size: int = 96  # HR patch side, as the reference's --patch_size
     augment: bool = True
-    loader_workers: int = 2  # DataLoader processes per Ray worker
+    loader_workers: int = 2  # DataLoader processes per Ray worker; -1 = auto (cpus_per_worker - 1)
+    skip_bad_shards: bool = False  # leave out shards that differ from the manifest (counted, warned)
     patches_per_sample: int = 1  # random patches cut from each decoded sub-image (1 = reference)
     shuffle_buffer: int = 256  # patches held per loader stream for shuffling
     # optimisation (spec section 4)
@@ -167,8 +168,8 @@ class TrainConfig:
         for name in ("epochs", "iters_per_epoch", "batch_size", "patch_size", "workers", "val_every",
                      "log_every", "patches_per_sample", "shuffle_buffer", "max_bad_steps", "dist_timeout_s"):
             _positive(getattr(self, name), name)
-        if self.loader_workers < 0:
-            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.loader_workers < -1:
+            raise ConfigError(f"loader_workers must be >= 0 (or -1 / auto), got {self.loader_workers}")
         if self.patch_size % self.model.scale:
             raise ConfigError(
                 f"patch_size ({self.patch_size}) must be divisible by the scale ({self.model.scale})"

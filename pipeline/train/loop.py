@@ -219,6 +219,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
         job.train_shards, job.train_counts, scale, cfg.patch_size, local_batch,
         rank=rank, world_size=world, seed=cfg.seed, start_step=progress.step,
         augment=cfg.augment, patches_per_sample=cfg.patches_per_sample, shuffle_buffer=cfg.shuffle_buffer,
+        global_batch=cfg.batch_size, skip_bad_shards=cfg.skip_bad_shards,
     )
     loader = data.make_train_loader(stream, cfg.loader_workers, pin_memory=device.type == "cuda")
     batches = iter(loader)  # forks the loader processes now, before our own threads start

@@ -1,0 +1,449 @@
+"""Random access to the samples of WebDataset shards, verified against the manifest.
+
+Why not stream the tars front to back: near-uniform mixing needs each loader stream to draw
+samples from anywhere in the dataset (see :mod:`pipeline.train.data`). A tar has no index, but
+its 512-byte member headers are cheap to walk: one small read per member gives every member's
+offset and size, and for raw ``.npy`` members the array header (shape, dtype) rides along in
+the same read. After that a patch costs two reads of just the rows it covers (LR and HR), with
+no decoding at all for raw shards.
+
+Every shard is checked when it is first indexed: its size against the manifest's ``bytes``, a
+header that does not parse (truncated or corrupt), the sample count against the manifest's
+``samples``, and each sample having the members this scale needs. A shard read whole (the
+validation split) is also checked against its ``sha256``, which is cheap there. Problems raise
+:class:`BadShard`: one line naming the shard and what differs.
+
+Locations are local paths or any URL pyarrow's filesystem layer understands (``s3://``,
+``gs://``, with query options such as ``?endpoint_override=...``), through
+:mod:`pipeline.train.storage`; files are read in place, never copied whole.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import io
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.console import UserError
+
+MANIFEST = "manifest.json"
+ENCODINGS = ("raw", "png")
+_NPY_PEEK = 256  # bytes of a .npy member read with its tar header (its header is 128 in practice)
+
+
+class BadShard(UserError):
+    """A shard that does not match its manifest entry (one line: which shard, what differs)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Locations: local paths or filesystem URLs
+# ---------------------------------------------------------------------------------------------
+
+
+def is_url(location: str) -> bool:
+    return "://" in location and not location.startswith("file://")
+
+
+def join(base: str, name: str) -> str:
+    """``base/name``; a URL keeps its query string (``s3://b/p?endpoint_override=...``) last."""
+    if is_url(base) and "?" in base:
+        path, query = base.split("?", 1)
+        return f"{path.rstrip('/')}/{name}?{query}"
+    return f"{base.rstrip('/')}/{name}"
+
+
+def parent(location: str) -> str:
+    """The folder holding a shard (where its manifest lives)."""
+    if is_url(location) and "?" in location:
+        path, query = location.split("?", 1)
+        return f"{path.rsplit('/', 1)[0]}?{query}"
+    return location.rsplit("/", 1)[0]
+
+
+def shown(location: str) -> str:
+    """A location for messages: without the query string (it may carry options or keys)."""
+    return location.split("?", 1)[0] if is_url(location) else location
+
+
+_FILESYSTEMS: dict[str, Any] = {}
+
+
+def _fs(location: str):
+    """(pyarrow filesystem, path) for a URL. Object-store filesystems are reused per bucket and
+    options: creating one per file would cost a client (and a credential lookup) per read."""
+    from urllib.parse import urlsplit
+
+    from pipeline.train import storage
+
+    parts = urlsplit(location)
+    if parts.scheme not in ("s3", "gs", "gcs"):
+        return storage._fs(location)
+    cache_key = f"{parts.scheme}://{parts.netloc}?{parts.query}"
+    if cache_key not in _FILESYSTEMS:
+        _FILESYSTEMS[cache_key] = storage._fs(location)[0]
+    return _FILESYSTEMS[cache_key], parts.netloc + parts.path
+
+
+def object_error(location: str, exc: BaseException) -> str:
+    """The first informative line of a filesystem error (pyarrow's are long and multi-line)."""
+    text = " ".join(str(exc).split())
+    return f"{shown(location)}: {text[:240] or type(exc).__name__}"
+
+
+def read_bytes(location: str) -> bytes:
+    """A whole (small) file: a manifest, or a validation shard."""
+    if not is_url(location):
+        with open(location, "rb") as f:
+            return f.read()
+    fs, path = _fs(location)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def file_size(location: str) -> int | None:
+    """Size in bytes, None when missing."""
+    if not is_url(location):
+        try:
+            return os.stat(location).st_size
+        except FileNotFoundError:
+            return None
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(location)
+    info = fs.get_file_info(path)
+    return None if info.type == pafs.FileType.NotFound else int(info.size)
+
+
+class _RandomAccess:
+    """An open file with positioned reads: ``os.pread`` locally, ranged GETs on object stores."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        if is_url(location):
+            fs, path = _fs(location)
+            self._file = fs.open_input_file(path)
+            self._fd = None
+            self.size = int(self._file.size())
+        else:
+            self._fd = os.open(location, os.O_RDONLY)
+            self._file = None
+            self.size = os.fstat(self._fd).st_size
+
+    def read_at(self, offset: int, n: int):
+        if self._fd is not None:
+            return os.pread(self._fd, n, offset)
+        return self._file.read_at(n, offset)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+        elif self._file is not None:
+            self._file.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def load_manifest(folder: str) -> dict[str, Any]:
+    """The validated manifest of a shard folder, local or remote; one line on any failure."""
+    from pipeline.preprocess.manifest import validate_manifest
+
+    where = join(folder, MANIFEST)
+    try:
+        raw = read_bytes(where)
+    except FileNotFoundError:
+        if not is_url(folder) and not os.path.isdir(folder):
+            raise UserError(f"{folder}: shard folder not found") from None
+        raise UserError(f"{shown(where)}: not found (preprocessing never finished here; run `sr-pipeline preprocess`)") from None
+    except UserError:
+        raise
+    except Exception as exc:  # pyarrow: credentials, network, missing bucket
+        raise UserError(f"cannot read the shard manifest {object_error(where, exc)}") from None
+    try:
+        data = json.loads(raw.decode())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise UserError(f"{shown(where)}: corrupt manifest (not valid JSON)") from None
+    return validate_manifest(data, shown(where))  # type: ignore[arg-type]
+
+
+def encoding_of(manifest: dict[str, Any]) -> str:
+    """``params.encoding``: "raw" or "png" (absent in manifests written before raw existed)."""
+    encoding = manifest.get("params", {}).get("encoding", "png")
+    if encoding not in ENCODINGS:
+        raise UserError(f"shard manifest: unknown encoding {encoding!r} (this version reads {', '.join(ENCODINGS)})")
+    return encoding
+
+
+def min_hr(manifest: dict[str, Any], split: str) -> tuple[int, int] | None:
+    """The split's smallest HR sub-image (height, width), or None for older manifests."""
+    value = manifest.get("splits", {}).get(split, {}).get("min_hr")
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    return None
+
+
+@dataclass(frozen=True)
+class ShardEntry:
+    """What the manifest promises about one shard."""
+
+    location: str
+    samples: int
+    bytes: int
+    sha256: str
+    encoding: str
+
+
+def entries_for(folder: str, split: str, manifest: dict[str, Any] | None = None) -> list[ShardEntry]:
+    manifest = manifest if manifest is not None else load_manifest(folder)
+    encoding = encoding_of(manifest)
+    return [
+        ShardEntry(join(folder, s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]), encoding)
+        for s in manifest["splits"][split]["shards"]
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The index of one shard
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_npy_header(buf: bytes, where: str) -> tuple[int, tuple[int, ...]]:
+    """(offset of the array data, shape) of a uint8 C-order ``.npy`` whose first bytes are `buf`."""
+    if buf[:6] != b"\x93NUMPY" or len(buf) < 10:
+        raise UserError(f"{where}: not a .npy array")
+    major = buf[6]
+    if major == 1:
+        hlen, start = int.from_bytes(buf[8:10], "little"), 10
+    elif major in (2, 3):
+        hlen, start = int.from_bytes(buf[8:12], "little"), 12
+    else:
+        raise UserError(f"{where}: unsupported .npy version {major}")
+    if start + hlen > len(buf):
+        raise UserError(f"{where}: .npy header longer than expected ({hlen} bytes)")
+    try:
+        header = ast.literal_eval(buf[start : start + hlen].decode("latin1"))
+        descr, fortran, shape = header["descr"], header["fortran_order"], tuple(header["shape"])
+    except Exception:
+        raise UserError(f"{where}: corrupt .npy header") from None
+    if np.dtype(descr) != np.uint8 or fortran or len(shape) != 3 or shape[2] != 3:
+        raise UserError(f"{where}: expected a C-order uint8 HxWx3 array, got {descr} {shape}")
+    return start + hlen, shape
+
+
+@dataclass
+class ShardIndex:
+    """Offsets of the HR and chosen-scale LR member of every sample, in tar order.
+
+    Arrays rather than objects: a stream indexes every shard it touches and keeps the index.
+    ``hr_shape``/``lr_shape`` are known from the headers for raw shards (zeros for PNG).
+    """
+
+    keys: list[str]
+    hr: np.ndarray  # (n, 2) int64: data offset, size
+    lr: np.ndarray
+    hr_shape: np.ndarray  # (n, 2) int64: height, width
+    lr_shape: np.ndarray
+    encoding: str
+
+
+def index_shard(entry: ShardEntry, scale: int, source: _RandomAccess | None = None) -> ShardIndex:
+    """Walk the tar headers of one shard and check it against its manifest entry."""
+    where = shown(entry.location)
+    own = source is None
+    try:
+        try:
+            source = source or _RandomAccess(entry.location)
+        except FileNotFoundError:
+            raise BadShard(f"{where}: shard listed in the manifest is missing") from None
+        except UserError:
+            raise
+        except Exception as exc:
+            raise BadShard(f"cannot open shard {object_error(entry.location, exc)}") from None
+        if source.size != entry.bytes:
+            raise BadShard(f"{where}: size {source.size} bytes, manifest says {entry.bytes} (truncated or replaced)")
+        return _walk(entry, scale, source, where)
+    finally:
+        if own and source is not None:
+            source.close()
+
+
+def _walk(entry: ShardEntry, scale: int, source: _RandomAccess, where: str) -> ShardIndex:
+    ext = "npy" if entry.encoding == "raw" else "png"
+    want_hr, want_lr = f"hr.{ext}", f"lr_x{scale}.{ext}"
+    members: dict[str, dict[str, tuple[int, int, tuple[int, ...]]]] = {}
+    order: list[str] = []
+    pos = 0
+    peek = _NPY_PEEK if ext == "npy" else 0
+    while pos + 512 <= source.size:
+        block = bytes(source.read_at(pos, 512 + peek))
+        head = block[:512]
+        if head == b"\0" * 512:
+            break
+        try:
+            info = tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")
+        except tarfile.HeaderError:
+            raise BadShard(f"{where}: corrupt tar header at byte {pos} (damaged shard)") from None
+        data = pos + 512
+        if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE):
+            raise BadShard(f"{where}: unexpected tar member {info.name!r} (type {info.type!r}); not a shard from preprocess")
+        if data + info.size > source.size:
+            raise BadShard(f"{where}: member {info.name!r} runs past the end of the file (truncated)")
+        base = info.name.rsplit("/", 1)[-1]
+        key, _, suffix = base.partition(".")
+        if key not in members:
+            members[key] = {}
+            order.append(key)
+        if suffix in (want_hr, want_lr):
+            shape: tuple[int, ...] = ()
+            offset = data
+            if ext == "npy":
+                buf = block[512:]
+                if len(buf) < min(info.size, _NPY_PEEK):
+                    buf = bytes(source.read_at(data, min(info.size, _NPY_PEEK)))
+                skip, shape = parse_npy_header(buf[: info.size], f"{where}: {info.name}")
+                if skip + int(np.prod(shape)) != info.size:
+                    raise BadShard(f"{where}: {info.name}: array of {shape} does not fill its {info.size} bytes")
+                offset = data + skip
+            members[key][suffix] = (offset, info.size - (offset - data), shape)
+        pos = data + (info.size + 511) // 512 * 512
+    if len(order) != entry.samples:
+        raise BadShard(f"{where}: {len(order)} samples, manifest says {entry.samples} (truncated, corrupt or replaced)")
+    n = len(order)
+    hr, lr = np.zeros((n, 2), np.int64), np.zeros((n, 2), np.int64)
+    hr_shape, lr_shape = np.zeros((n, 2), np.int64), np.zeros((n, 2), np.int64)
+    for i, key in enumerate(order):
+        got = members[key]
+        for name in (want_hr, want_lr):
+            if name not in got:
+                hint = f" (shards made without scale x{scale}? rerun preprocess with --scales including {scale})" if name == want_lr else ""
+                raise BadShard(f"{where}: sample {key!r} has no {name}{hint}")
+        hr[i], lr[i] = got[want_hr][:2], got[want_lr][:2]
+        if ext == "npy":
+            hr_shape[i], lr_shape[i] = got[want_hr][2][:2], got[want_lr][2][:2]
+            if hr_shape[i][0] != lr_shape[i][0] * scale or hr_shape[i][1] != lr_shape[i][1] * scale:
+                raise BadShard(f"{where}: sample {key!r}: HR {tuple(hr_shape[i])} is not {scale}x the LR {tuple(lr_shape[i])}")
+    return ShardIndex(order, hr, lr, hr_shape, lr_shape, entry.encoding)
+
+
+# ---------------------------------------------------------------------------------------------
+# A stream's reader: open files and indexes, kept for the stream's life
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ShardReader:
+    """Reads patches and whole samples of the shards `entries` at one scale."""
+
+    entries: list[ShardEntry]
+    scale: int
+    max_open: int = 32
+    _open: OrderedDict = field(default_factory=OrderedDict)
+    _index: dict[int, ShardIndex] = field(default_factory=dict)
+
+    def source(self, shard: int) -> _RandomAccess:
+        src = self._open.get(shard)
+        if src is None:
+            entry = self.entries[shard]
+            try:
+                src = _RandomAccess(entry.location)
+            except FileNotFoundError:
+                raise BadShard(f"{shown(entry.location)}: shard listed in the manifest is missing") from None
+            except Exception as exc:
+                raise BadShard(f"cannot open shard {object_error(entry.location, exc)}") from None
+            self._open[shard] = src
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        else:
+            self._open.move_to_end(shard)
+        return src
+
+    def index(self, shard: int) -> ShardIndex:
+        """The shard's index (built and verified on first use; raises BadShard)."""
+        idx = self._index.get(shard)
+        if idx is None:
+            idx = index_shard(self.entries[shard], self.scale, self.source(shard))
+            self._index[shard] = idx
+        return idx
+
+    def where(self, shard: int, pos: int) -> str:
+        return f"{shown(self.entries[shard].location)}: sample {self.index(shard).keys[pos]!r}"
+
+    def size(self, shard: int, pos: int) -> tuple[int, int] | None:
+        """LR (height, width) when known without reading pixels (raw shards)."""
+        idx = self.index(shard)
+        return (int(idx.lr_shape[pos][0]), int(idx.lr_shape[pos][1])) if idx.encoding == "raw" else None
+
+    def rows(self, shard: int, pos: int, which: str, y0: int, y1: int) -> np.ndarray:
+        """Rows ``y0:y1`` of a raw member as an (y1-y0, W, 3) array (one read)."""
+        idx = self.index(shard)
+        (offset, _), (_, w) = getattr(idx, which)[pos], getattr(idx, f"{which}_shape")[pos]
+        row = int(w) * 3
+        buf = self.source(shard).read_at(int(offset) + y0 * row, (y1 - y0) * row)
+        if len(buf) != (y1 - y0) * row:
+            raise BadShard(f"{self.where(shard, pos)}: short read (shard changed while training?)")
+        return np.frombuffer(buf, np.uint8).reshape(y1 - y0, int(w), 3)
+
+    def member(self, shard: int, pos: int, which: str) -> bytes:
+        idx = self.index(shard)
+        offset, size = getattr(idx, which)[pos]
+        return bytes(self.source(shard).read_at(int(offset), int(size)))
+
+    def pair(self, shard: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
+        """The whole (LR, HR) of one sample, decoded when PNG."""
+        idx = self.index(shard)
+        if idx.encoding == "raw":
+            (lh, _), (hh, _) = idx.lr_shape[pos], idx.hr_shape[pos]
+            return self.rows(shard, pos, "lr", 0, int(lh)).copy(), self.rows(shard, pos, "hr", 0, int(hh)).copy()
+        from pipeline.imageio import decode_png
+
+        try:
+            lr, hr = decode_png(self.member(shard, pos, "lr")), decode_png(self.member(shard, pos, "hr"))
+        except UserError:
+            raise
+        except Exception as exc:  # PIL raises several types for corrupt data
+            raise BadShard(f"{self.where(shard, pos)} is not a valid PNG ({exc})") from None
+        if hr.shape[0] != lr.shape[0] * self.scale or hr.shape[1] != lr.shape[1] * self.scale:
+            raise BadShard(f"{self.where(shard, pos)}: HR {hr.shape[1]}x{hr.shape[0]} is not {self.scale}x the LR "
+                           f"{lr.shape[1]}x{lr.shape[0]} (shards from another scale or a broken writer?)")
+        return lr, hr
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+def read_whole_verified(entry: ShardEntry, scale: int) -> tuple[ShardReader, int]:
+    """A reader over one shard held in memory after checking its sha256 (validation shards are
+    read whole anyway, so the checksum costs little there). Returns (reader, shard number 0)."""
+    data = read_bytes(entry.location) if file_size(entry.location) is not None else None
+    if data is None:
+        raise BadShard(f"{shown(entry.location)}: shard listed in the manifest is missing")
+    if len(data) != entry.bytes:
+        raise BadShard(f"{shown(entry.location)}: size {len(data)} bytes, manifest says {entry.bytes} (truncated or replaced)")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise BadShard(f"{shown(entry.location)}: sha256 differs from the manifest (corrupt or modified)")
+    reader = ShardReader([entry], scale)
+    reader._open[0] = _InMemory(data)
+    return reader, 0
+
+
+class _InMemory(_RandomAccess):
+    def __init__(self, data: bytes) -> None:  # noqa: D107 - a buffer with read_at
+        self.location, self._fd, self._file, self.size = "<memory>", None, None, len(data)
+        self._buf = io.BytesIO(data).getbuffer()
+
+    def read_at(self, offset: int, n: int):
+        return bytes(self._buf[offset : offset + n])
+
+    def close(self) -> None:
+        pass
