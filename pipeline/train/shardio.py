@@ -86,7 +86,9 @@ def _fs(location: str):
     parts = urlsplit(location)
     if parts.scheme not in ("s3", "gs", "gcs"):
         return storage._fs(location)
-    cache_key = f"{parts.scheme}://{parts.netloc}?{parts.query}"
+    # per process (a filesystem's client must not cross a fork) and per credentials in the env
+    creds = hash(tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(("AWS_", "GOOGLE_")))))
+    cache_key = f"{os.getpid()}:{creds}:{parts.scheme}://{parts.netloc}?{parts.query}"
     if cache_key not in _FILESYSTEMS:
         _FILESYSTEMS[cache_key] = storage._fs(location)[0]
     return _FILESYSTEMS[cache_key], parts.netloc + parts.path
@@ -164,16 +166,32 @@ def load_manifest(folder: str) -> dict[str, Any]:
     except FileNotFoundError:
         if not is_url(folder) and not os.path.isdir(folder):
             raise UserError(f"{folder}: shard folder not found") from None
+        if is_url(folder) and not _bucket_exists(folder):
+            bucket = shown(folder).split("://", 1)[1].split("/", 1)[0]
+            raise UserError(f"{shown(folder)}: bucket {bucket!r} not found (or not visible with this node's credentials)") from None
         raise UserError(f"{shown(where)}: not found (preprocessing never finished here; run `sr-pipeline preprocess`)") from None
     except UserError:
         raise
     except Exception as exc:  # pyarrow: credentials, network, missing bucket
-        raise UserError(f"cannot read the shard manifest {object_error(where, exc)}") from None
+        hint = ""
+        if where.startswith("s3://") and not any(k in os.environ for k in ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE")):
+            hint = " [no AWS credentials in this environment: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, or give the node a role]"
+        raise UserError(f"cannot read the shard manifest {object_error(where, exc)}{hint}") from None
     try:
         data = json.loads(raw.decode())
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{shown(where)}: corrupt manifest (not valid JSON)") from None
     return validate_manifest(data, shown(where))  # type: ignore[arg-type]
+
+
+def _bucket_exists(folder: str) -> bool:
+    import pyarrow.fs as pafs
+
+    fs, path = _fs(folder)
+    try:
+        return fs.get_file_info(path.split("/", 1)[0]).type != pafs.FileType.NotFound
+    except Exception:
+        return False
 
 
 def encoding_of(manifest: dict[str, Any]) -> str:
