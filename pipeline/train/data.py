@@ -274,8 +274,7 @@ class PatchStream(IterableDataset):
         if self.augment:
             k = int(rng.integers(8))
             lr, hr = dihedral(lr, k), dihedral(hr, k)
-        # copies: a patch holds its own bytes, never a view of a whole sub-image
-        return np.ascontiguousarray(lr), np.ascontiguousarray(hr)
+        return lr, hr  # views: batch() copies them straight into the batch arrays
 
     def draw(self, step: int, slot: int) -> int:
         """The draw number (position in the endless sequence of passes) of a batch slot."""
@@ -286,7 +285,7 @@ class PatchStream(IterableDataset):
         return self.schedule.sample(self.draw(step, slot))
 
     def patch(self, step: int, slot: int) -> tuple[np.ndarray, np.ndarray]:
-        """The (LR, HR) patch of global batch slot ``slot`` at step ``step``."""
+        """The (LR, HR) patch (HWC views) of global batch slot ``slot`` at step ``step``."""
         d = self.draw(step, slot)
         rng = np.random.default_rng([self.seed, 0xB, step, slot])
         g = self.schedule.sample(d)
@@ -299,11 +298,18 @@ class PatchStream(IterableDataset):
                         f"than the LR patch {self.patch_size // self.scale} (lower --patch-size)")
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's batch of step ``step``: uint8 NCHW (LR, HR)."""
-        patches = [self.patch(step, slot) for slot in self.slots]
-        lr = np.stack([p[0] for p in patches]).transpose(0, 3, 1, 2)
-        hr = np.stack([p[1] for p in patches]).transpose(0, 3, 1, 2)
-        return torch.from_numpy(np.ascontiguousarray(lr)), torch.from_numpy(np.ascontiguousarray(hr))
+        """This rank's batch of step ``step``: uint8 NCHW (LR, HR).
+
+        Each patch is copied once, from its read buffer (or decoded sample) straight into the
+        batch in NCHW order: the batch owns its bytes and keeps nothing else alive."""
+        lp = self.patch_size // self.scale
+        lr = np.empty((len(self.slots), 3, lp, lp), np.uint8)
+        hr = np.empty((len(self.slots), 3, self.patch_size, self.patch_size), np.uint8)
+        for i, slot in enumerate(self.slots):
+            lr_p, hr_p = self.patch(step, slot)
+            lr[i] = lr_p.transpose(2, 0, 1)
+            hr[i] = hr_p.transpose(2, 0, 1)
+        return torch.from_numpy(lr), torch.from_numpy(hr)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         info = torch.utils.data.get_worker_info()
