@@ -93,11 +93,11 @@ def make_sources(dst: Path, count: int) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def make_shards(src: Path, out: Path, encoding: str) -> tuple[list[str], list[int]]:
+def make_shards(src: Path, out: Path, encoding: str, holdout: int = 0) -> tuple[list[str], list[int]]:
     """Shards by the real preprocess code; raw ones with its --encoding raw when it has it,
     else by re-encoding its PNG shards' members as .npy (same samples, same order)."""
     fields = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    cfg = dict(images=str(src), out=str(out), scales=[SCALE], jobs=1)
+    cfg = dict(images=str(src), out=str(out), scales=[SCALE], jobs=1, holdout=holdout)
     if "encoding" in fields:
         run_preprocess(PreprocessConfig(**cfg, encoding=encoding))
     elif encoding == "png":

@@ -4,6 +4,7 @@ authentication enforced), shards streamed in place (ranged reads, no local copy)
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -69,3 +70,26 @@ def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monk
     assert problems[1] == ("s3://no-such-bucket/x: bucket 'no-such-bucket' not found (or not visible with this "
                            "node's credentials)")
     assert problems[2].startswith("cannot read the shard manifest s3://sr-bad/x/manifest.json: ")
+
+
+@pytest.mark.slow
+def test_train_reads_its_shards_from_s3(s3_server, tmp_path):  # noqa: F811
+    """The product path: `sr-pipeline train --shards s3://...` on a local Ray instance; the
+    preflight probe and both DDP workers (with a loader process each) read the bucket."""
+    from fixtures_train import tiny_args
+    from helpers import run_cli
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import defaults
+
+    local = write_shards(tmp_path / "s", {"train": [7, 6, 5], "valid": [2]}, encoding="raw", hr_size=(48, 48))
+    url = s3_server.upload(local, "sr-train", "div2k")
+    args = tiny_args(url, tmp_path / "store", epochs=1, iters=4,
+                     extra=("--cpus-per-worker", "1", "--loader-workers", "1", "--run-name", "from-s3",
+                            "--experiment", "train-s3"))
+    proc = run_cli(*args, env=s3_server.env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s3_server.secret not in proc.stderr + proc.stdout
+    run = MlflowClient(defaults.default_tracking_uri()).get_run(proc.stdout.strip().splitlines()[-1])
+    assert run.info.status == "FINISHED" and "val/psnr" in run.data.metrics
+    assert s3_server.secret not in json.dumps(run.data.params)

@@ -195,8 +195,8 @@ class PatchStream(IterableDataset):
             raise ValueError(f"rank {rank} of {world_size} takes {len(self.slots)} of a global batch of "
                              f"{self.global_batch}, not {batch_size}")
         self.skip_bad_shards = skip_bad_shards
-        # Shared with the loader processes (forked): how many shards this rank's streams skipped.
-        self._skipped = multiprocessing.get_context("fork").Value("i", 0)
+        # Shared with the loader processes (forked): which shards this rank's streams skipped.
+        self._skipped = multiprocessing.get_context("fork").Array("b", len(self.shards))
         self.schedule = Schedule(self.counts, seed)
         self._reader: shardio.ShardReader | None = None
         self._bad: set[int] = set()
@@ -206,8 +206,14 @@ class PatchStream(IterableDataset):
     # -- what the loop and tracking can read ------------------------------------------------
     @property
     def skipped_shards(self) -> int:
-        """Shards found bad and skipped (``skip_bad_shards``) by this rank's loader streams so far."""
-        return int(self._skipped.value)
+        """Distinct shards found bad and skipped (``skip_bad_shards``) by this rank's loader
+        processes so far (readable from the training process while they run)."""
+        with self._skipped.get_lock():
+            return sum(1 for flag in self._skipped if flag)
+
+    def skipped_shard_names(self) -> list[str]:
+        with self._skipped.get_lock():
+            return [shardio.shown(self.shards[i]) for i, flag in enumerate(self._skipped) if flag]
 
     # -- reading ----------------------------------------------------------------------------
     def reader(self) -> shardio.ShardReader:
@@ -223,7 +229,7 @@ class PatchStream(IterableDataset):
     def _skip(self, shard: int, exc: shardio.BadShard) -> None:
         self._bad.add(shard)
         with self._skipped.get_lock():
-            self._skipped.value += 1
+            self._skipped[shard] = 1
         _warn(f"{exc}; shard skipped (--skip-bad-shards)")
 
     def _pair(self, shard: int, pos: int) -> tuple[np.ndarray, np.ndarray]:
