@@ -26,6 +26,8 @@ def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeyp
     url = s3_server.upload(local, "sr-data", "div2k/raw")
     for k, v in s3_server.env().items():
         monkeypatch.setenv(k, v)
+    cache = tmp_path / "index-cache"
+    monkeypatch.setenv("SR_PIPELINE_INDEX_CACHE", str(cache))
     job = datasource.resolve_job(_cfg(url))  # manifest and sizes read from the bucket
     assert job.train_counts == [6, 5, 7] and job.val_count == 3
     assert all(s.startswith("s3://sr-data/div2k/raw/div2k-train-") and "endpoint_override" in s for s in job.train_shards)
@@ -36,6 +38,9 @@ def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeyp
     for step, (lr, hr) in enumerate(itertools.islice(iter(loader), 6)):
         want = disk.batch(step)
         assert torch.equal(lr, want[0]) and torch.equal(hr, want[1])
+    assert len(list(cache.glob("*-x2-raw.npz"))) == 3  # tar headers walked once per node, shared by processes
+    again = data.PatchStream(job.train_shards, job.train_counts, 2, 12, 4, seed=2)
+    assert torch.equal(again.batch(3)[1], disk.batch(3)[1])  # from the cached indexes
     val = list(data.validation_from_shards(job.val_shards, 2))
     assert [v.index for v in val] == [0, 1, 2] and val[0].hr.shape == (24, 24, 3)
     assert datasource.node_data_problems(job.train_shards) == []
@@ -87,7 +92,7 @@ def test_train_reads_its_shards_from_s3(s3_server, tmp_path):  # noqa: F811
     args = tiny_args(url, tmp_path / "store", epochs=1, iters=4,
                      extra=("--cpus-per-worker", "1", "--loader-workers", "1", "--run-name", "from-s3",
                             "--experiment", "train-s3"))
-    proc = run_cli(*args, env=s3_server.env(), timeout=300)
+    proc = run_cli(*args, env={**s3_server.env(), "SR_PIPELINE_INDEX_CACHE": str(tmp_path / "idx")}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert s3_server.secret not in proc.stderr + proc.stdout
     run = MlflowClient(defaults.default_tracking_uri()).get_run(proc.stdout.strip().splitlines()[-1])

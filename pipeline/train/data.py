@@ -224,6 +224,7 @@ class PatchStream(IterableDataset):
                     raise UserError(f"{shardio.shown(entry.location)}: the manifest says {entry.samples} samples, "
                                     f"the job was given {count}")
             self._reader = shardio.ShardReader(entries, self.scale)
+            self._reader.prefetch()  # object storage: index every shard in the background
         return self._reader
 
     def _skip(self, shard: int, exc: shardio.BadShard) -> None:

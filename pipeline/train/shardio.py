@@ -353,6 +353,39 @@ def _walk(entry: ShardEntry, scale: int, source: _RandomAccess, where: str) -> S
     return ShardIndex(order, hr, lr, hr_shape, lr_shape, entry.encoding)
 
 
+def index_cache_dir() -> str:
+    """Node-local folder for indexes of remote shards (``SR_PIPELINE_INDEX_CACHE`` overrides)."""
+    import tempfile
+
+    return os.environ.get("SR_PIPELINE_INDEX_CACHE") or os.path.join(tempfile.gettempdir(), "sr-pipeline-index")
+
+
+def cached_index(entry: ShardEntry, scale: int) -> ShardIndex:
+    """The index of a remote shard, shared by every process of a node through a file named
+    after the shard's sha256 (content-addressed: a shard rewritten with other content gets
+    another name; its size is still checked against the manifest on every open)."""
+    path = os.path.join(index_cache_dir(), f"{entry.sha256}-x{scale}-{entry.encoding}.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            idx = ShardIndex([str(k) for k in z["keys"]], z["hr"], z["lr"], z["hr_shape"], z["lr_shape"], entry.encoding)
+        if len(idx.keys) == entry.samples:
+            size = file_size(entry.location)
+            if size != entry.bytes:
+                raise BadShard(f"{shown(entry.location)}: size {size} bytes, manifest says {entry.bytes} (truncated or replaced)")
+            return idx
+    except (OSError, KeyError, ValueError):
+        pass
+    idx = index_shard(entry, scale)
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"
+        np.savez(tmp, keys=np.array(idx.keys), hr=idx.hr, lr=idx.lr, hr_shape=idx.hr_shape, lr_shape=idx.lr_shape)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only or full /tmp only costs the next process a walk
+    return idx
+
+
 # ---------------------------------------------------------------------------------------------
 # A stream's reader: open files and indexes, kept for the stream's life
 # ---------------------------------------------------------------------------------------------
@@ -367,6 +400,7 @@ class ShardReader:
     max_open: int = 32
     _open: OrderedDict = field(default_factory=OrderedDict)
     _index: dict[int, ShardIndex] = field(default_factory=dict)
+    _pending: dict[int, Any] = field(default_factory=dict)
 
     def source(self, shard: int) -> _RandomAccess:
         src = self._open.get(shard)
@@ -389,9 +423,30 @@ class ShardReader:
         """The shard's index (built and verified on first use; raises BadShard)."""
         idx = self._index.get(shard)
         if idx is None:
-            idx = index_shard(self.entries[shard], self.scale, self.source(shard))
+            future = self._pending.pop(shard, None)
+            entry = self.entries[shard]
+            if future is not None:
+                idx = future.result()  # raises the BadShard found in the background
+            elif is_url(entry.location):
+                idx = cached_index(entry, self.scale)
+            else:
+                idx = index_shard(entry, self.scale, self.source(shard))
             self._index[shard] = idx
         return idx
+
+    def prefetch(self, threads: int = 16) -> None:
+        """Object storage: index every shard in the background, ``threads`` at a time.
+
+        Walking a tar's headers costs one ranged GET per member; done lazily, a stream drawing
+        uniformly would stall on the first sample of every shard. Threads overlap the requests
+        (pyarrow's filesystems are thread-safe); local files need none of this."""
+        if self._pending or not self.entries or not is_url(self.entries[0].location):
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="shard-index")
+        self._pending = {i: pool.submit(cached_index, e, self.scale) for i, e in enumerate(self.entries)}
+        pool.shutdown(wait=False)
 
     def where(self, shard: int, pos: int) -> str:
         return f"{shown(self.entries[shard].location)}: sample {self.index(shard).keys[pos]!r}"
