@@ -37,7 +37,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.console import UserError
-from pipeline.train import shardio
+from pipeline.train import shardindex, shardio
 
 # ---------------------------------------------------------------------------------------------
 # Patch extraction and augmentation (pure numpy)
@@ -198,7 +198,7 @@ class PatchStream(IterableDataset):
         # Shared with the loader processes (forked): which shards this rank's streams skipped.
         self._skipped = multiprocessing.get_context("fork").Array("b", len(self.shards))
         self.schedule = Schedule(self.counts, seed)
-        self._reader: shardio.ShardReader | None = None
+        self._reader: shardindex.ShardReader | None = None
         self._bad: set[int] = set()
         self._small_warned = False
         self._decoded: OrderedDict = OrderedDict()
@@ -216,18 +216,18 @@ class PatchStream(IterableDataset):
             return [shardio.shown(self.shards[i]) for i, flag in enumerate(self._skipped) if flag]
 
     # -- reading ----------------------------------------------------------------------------
-    def reader(self) -> shardio.ShardReader:
+    def reader(self) -> shardindex.ShardReader:
         if self._reader is None:
             entries = entries_for_locations(self.shards)
             for entry, count in zip(entries, self.counts, strict=True):
                 if entry.samples != count:
                     raise UserError(f"{shardio.shown(entry.location)}: the manifest says {entry.samples} samples, "
                                     f"the job was given {count}")
-            self._reader = shardio.ShardReader(entries, self.scale)
+            self._reader = shardindex.ShardReader(entries, self.scale)
             self._reader.prefetch()  # object storage: index every shard in the background
         return self._reader
 
-    def _skip(self, shard: int, exc: shardio.BadShard) -> None:
+    def _skip(self, shard: int, exc: shardindex.BadShard) -> None:
         self._bad.add(shard)
         with self._skipped.get_lock():
             self._skipped[shard] = 1
@@ -273,7 +273,7 @@ class PatchStream(IterableDataset):
                     self._too_small(shard, pos, lr_full.shape[0], lr_full.shape[1], lp)
                     return None
                 lr, hr = random_patch(lr_full, hr_full, s, self.patch_size, rng)
-        except shardio.BadShard as exc:
+        except shardindex.BadShard as exc:
             if not self.skip_bad_shards:
                 raise
             self._skip(shard, exc)
@@ -439,9 +439,9 @@ def validation_from_shards(
     index = 0
     for entry in entries_for_locations([str(p) for p in shards]):
         if entry.location in _VERIFIED:
-            reader, shard = shardio.ShardReader([entry], scale), 0
+            reader, shard = shardindex.ShardReader([entry], scale), 0
         else:
-            reader, shard = shardio.read_whole_verified(entry, scale)
+            reader, shard = shardindex.read_whole_verified(entry, scale)
             _VERIFIED.add(entry.location)
         try:
             keys = reader.index(shard).keys
