@@ -193,6 +193,7 @@ def test_every_sample_is_drawn_equally_often_whatever_the_shard_sizes(streams):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")  # 3 on 2 cores: on purpose
 @pytest.mark.parametrize("encoding", ["raw", "png"])
 def test_a_stream_started_at_step_k_yields_the_uninterrupted_batches_bit_for_bit(tmp_path, encoding):
     folder = write_shards(tmp_path / "s", {"train": [9, 4, 11], "valid": [1]}, encoding=encoding)
