@@ -120,8 +120,8 @@ class TrainConfig:
     augment: bool = True
     loader_workers: int = 2  # DataLoader processes per Ray worker; -1 = auto (cpus_per_worker - 1)
     skip_bad_shards: bool = False  # leave out shards that differ from the manifest (counted, warned)
-    patches_per_sample: int = 1  # random patches cut from each decoded sub-image (1 = reference)
-    shuffle_buffer: int = 256  # patches held per loader stream for shuffling
+    patches_per_sample: int = 1  # k steps in a row reuse a batch's samples, new crops (saves PNG decodes)
+    shuffle_buffer: int = 256  # unused: the loader's global schedule mixes (kept so old configs load)
     # optimisation (spec section 4)
     epochs: int = 1500
     iters_per_epoch: int = 1000
