@@ -296,3 +296,16 @@ def test_t91_crop_96_with_patch_96_does_not_crash(t91_dir, tmp_path):
     for step in range(12):
         lr, hr = stream.batch(step)
         assert hr.shape == (4, 3, 96, 96)
+
+
+def test_cli_bad_shard_is_one_line_before_ray(tmp_path):
+    """Through `sr-pipeline train`: --loader-workers auto parses, a truncated shard is one line."""
+    from helpers import run_cli
+
+    folder = write_shards(tmp_path / "s", {"train": [3, 4], "valid": [2]})
+    paths, _ = train_entries(folder)
+    _damage(Path(paths[1]), "truncated")
+    proc = run_cli("train", "--shards", str(folder), "--preset", "tiny", "--patch-size", "12", "--loader-workers", "auto")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and "Ray" not in proc.stderr
+    line = proc.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: {paths[1]}: size ") and line.endswith("or train without it with --skip-bad-shards")
