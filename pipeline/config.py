@@ -123,9 +123,10 @@ class TrainConfig:
     val_data: str | None = None  # alternative: a folder of HR images (benchmark layout or plain)
     patch_size: int = 96  # HR patch side, as the reference's --patch_size
     augment: bool = True
-    loader_workers: int = 2  # DataLoader processes per Ray worker
-    patches_per_sample: int = 1  # random patches cut from each decoded sub-image (1 = reference)
-    shuffle_buffer: int = 256  # patches held per loader stream for shuffling
+    loader_workers: int = 2  # DataLoader processes per Ray worker; -1 = auto (cpus_per_worker - 1)
+    skip_bad_shards: bool = False  # leave out shards that differ from the manifest (counted, warned)
+    patches_per_sample: int = 1  # k steps in a row reuse a batch's samples, new crops (saves PNG decodes)
+    shuffle_buffer: int = 256  # unused: the loader's global schedule mixes (kept so old configs load)
     # optimisation (spec section 4)
     epochs: int = 1500
     iters_per_epoch: int = 1000
@@ -187,8 +188,8 @@ class TrainConfig:
             raise ConfigError(
                 f"checkpoint_every ({self.checkpoint_every}) must be a multiple of log_every ({self.log_every})"
             )
-        if self.loader_workers < 0:
-            raise ConfigError(f"loader_workers must be >= 0, got {self.loader_workers}")
+        if self.loader_workers < -1:
+            raise ConfigError(f"loader_workers must be >= 0 (or -1 / auto), got {self.loader_workers}")
         if self.patch_size % self.model.scale:
             raise ConfigError(
                 f"patch_size ({self.patch_size}) must be divisible by the scale ({self.model.scale})"

@@ -288,13 +288,16 @@ def write_png(path: str | Path, array: np.ndarray, compress_level: int = 1) -> N
 
 
 def list_images(folder: str | Path) -> list[Path]:
-    """Image files in `folder` (not recursive), sorted by name; errors for missing/empty."""
+    """Image files in `folder` (not recursive, dotfiles skipped), sorted by name; errors for missing/empty."""
     d = Path(folder)
     if not d.exists():
         raise UserError(f"{d}: folder not found")
     if not d.is_dir():
         raise UserError(f"{d}: not a folder")
-    files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    # dotfiles (macOS "._x.png" resource forks, editors' temp files) are never images
+    files = sorted(
+        p for p in d.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+    )
     if not files:
         raise UserError(f"{d}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return files

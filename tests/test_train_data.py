@@ -1,9 +1,10 @@
-"""The shard loader: disjoint streams, aligned patches, dihedral augmentation, real shards."""
+"""The shard loader on real (PNG) shards from preprocess: aligned patches, dihedral augmentation,
+batches, validation splits. The sampling schedule, raw shards and verified reads are in
+test_train_loader.py."""
 
 from __future__ import annotations
 
 import itertools
-from collections import Counter
 
 import numpy as np
 import pytest
@@ -18,59 +19,6 @@ def _train_paths(shards):
     from pipeline.preprocess.manifest import shard_paths
 
     return [str(p) for p in shard_paths(shards, "train")]
-
-
-# ---------------------------------------------------------------------------------------------
-# which samples a stream owns
-# ---------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("counts", "n_streams", "mode"),
-    [
-        ([19, 19, 15], 2, "shards"),  # uneven shards per stream
-        ([19, 19, 15], 3, "shards"),
-        ([19, 19, 15], 4, "samples"),  # fewer shards than streams
-        ([5] * 10, 8, "shards"),
-        ([1, 2], 3, "samples"),
-        ([1], 2, "shared"),  # fewer samples than streams
-    ],
-)
-def test_streams_cover_every_sample_exactly_once(counts, n_streams, mode):
-    offsets = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    owners: Counter[int] = Counter()
-    for stream in range(n_streams):
-        plan = data.plan_stream(counts, stream, n_streams, seed=3)
-        assert plan.mode == mode
-        for shard in plan.shards:
-            for pos in range(counts[shard]):
-                g = int(offsets[shard]) + pos
-                if plan.keeps(g):
-                    owners[g] += 1
-    assert sorted(owners) == list(range(sum(counts)))
-    expected = n_streams if mode == "shared" else 1
-    assert set(owners.values()) == {expected}
-
-
-def test_every_rank_computes_the_same_assignment():
-    a = [data.plan_stream([7] * 9, s, 4, seed=11) for s in range(4)]
-    b = [data.plan_stream([7] * 9, s, 4, seed=11) for s in range(4)]
-    assert a == b
-    assert data.plan_stream([7] * 9, 0, 4, seed=12) != a[0] or data.plan_stream([7] * 9, 1, 4, seed=12) != a[1]
-
-
-def test_real_shards_split_between_two_ranks_without_overlap(train_shards):  # noqa: F811
-    """One pass of each of 2 ranks x 2 loader workers over the 3 uneven shards: disjoint, complete."""
-    paths, counts = _train_paths(train_shards), shard_counts(train_shards)
-    seen: Counter[str] = Counter()
-    for stream in range(4):
-        plan = data.plan_stream(counts, stream, 4, seed=1)
-        ds = data.PatchStream(paths, counts, 2, 24, 2)
-        kept = sum(1 for i, c in enumerate(counts) if i in plan.shards for p in range(c)
-                   if plan.keeps(sum(counts[:i]) + p))
-        for sample in itertools.islice(ds.samples(plan, np.random.default_rng(stream)), kept):
-            seen[sample["__key__"]] += 1
-    assert len(seen) == sum(counts) and set(seen.values()) == {1}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,11 +112,3 @@ def test_validation_from_a_folder_makes_bicubic_lr(set5_dir):
     assert [s.index for s in samples] == [1, 3]
     for s in samples:
         assert s.hr.shape[0] == 3 * s.lr.shape[0] and s.hr.shape[1] == 3 * s.lr.shape[1]
-
-
-def test_shuffle_buffer_yields_every_item_once():
-    rng = np.random.default_rng(0)
-    for buffer in (1, 5, 64):
-        out = list(data._shuffled(iter(range(50)), buffer, rng))
-        assert sorted(out) == list(range(50))
-    assert list(data._shuffled(iter(range(50)), 16, rng)) != list(range(50))

@@ -34,7 +34,8 @@ def train_cmd(
     lr: Annotated[Optional[float], typer.Option(help="Learning rate (paper: 1e-4).")] = None,
     scale_lr: Annotated[Optional[bool], typer.Option("--scale-lr/--no-scale-lr", help="Multiply lr by batch/16.")] = None,
     patch_size: Annotated[Optional[int], typer.Option(help="HR patch side (paper: 96).")] = None,
-    loader_workers: Annotated[Optional[int], typer.Option(help="DataLoader processes per worker.")] = None,
+    loader_workers: Annotated[Optional[str], typer.Option(help="DataLoader processes per worker, or auto (the worker's CPUs minus one).")] = None,
+    skip_bad_shards: Annotated[bool, typer.Option("--skip-bad-shards", help="Leave out shards that differ from the manifest (counted and warned) instead of stopping.")] = False,
     ema: Annotated[Optional[float], typer.Option(help="EMA decay of weights, e.g. 0.999 (0 = off).")] = None,
     grad_clip: Annotated[Optional[float], typer.Option(help="Clip the global gradient norm (0 = off).")] = None,
     precision: Annotated[Optional[str], typer.Option(help="auto (default: bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16 (autocast on GPU only).")] = None,
@@ -82,6 +83,10 @@ def train_cmd(
     }
     if cpu:
         overrides["use_gpu"] = "no"
+    if loader_workers is not None and loader_workers.strip().lower() == "auto":
+        overrides["loader_workers"] = -1
+    if skip_bad_shards:
+        overrides["skip_bad_shards"] = True
     if shared_storage:
         overrides["shared_storage"] = True
     if resume:

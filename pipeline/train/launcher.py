@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from pipeline import console, defaults
@@ -64,48 +63,10 @@ class Outcome:
 
 
 def resolve_data(cfg: TrainConfig) -> JobSpec:
-    """Shard lists and counts from the manifest(s); validation source; clear errors."""
-    from pipeline.preprocess.manifest import read_manifest, shard_paths
+    """Shard lists and counts from the manifest(s), size-checked; validation source; clear errors."""
+    from pipeline.train.datasource import resolve_job
 
-    if not cfg.shards:
-        raise UserError("--shards is required: the folder written by `sr-pipeline preprocess`")
-    shards_dir = Path(cfg.shards).expanduser().resolve()
-    manifest = read_manifest(shards_dir)
-    scales = [int(s) for s in manifest.get("params", {}).get("scales", [])]
-    scale = cfg.model.scale
-    if scales and scale not in scales:
-        raise UserError(f"{shards_dir}: shards hold scales {scales}, not x{scale} (rerun preprocess with --scales {scale})")
-    train = manifest["splits"].get("train") or {}
-    train_paths = [str(p) for p in shard_paths(shards_dir, "train")]
-    if not train_paths:
-        raise UserError(f"{shards_dir}: the manifest lists no train shards")
-    counts_by_name = {s["name"]: int(s["samples"]) for s in train.get("shards", [])}
-    train_counts = [counts_by_name.get(Path(p).name, 0) for p in train_paths]
-    crop = manifest.get("params", {}).get("crop")
-    if crop and cfg.patch_size > int(crop):
-        raise UserError(f"--patch-size {cfg.patch_size} is larger than the shards' sub-images ({crop} px)")
-
-    job = JobSpec(train_shards=train_paths, train_counts=train_counts, lr=cfg.effective_lr)
-    if cfg.val_data:
-        folder = Path(cfg.val_data).expanduser().resolve()
-        from pipeline.imageio import list_images
-
-        n = len(list_images(folder))  # one-line error when missing/empty
-        job.val_folder = str(folder)
-        job.val_count = min(n, cfg.val_max_images) if cfg.val_max_images else n
-    else:
-        val_dir = Path(cfg.val_shards).expanduser().resolve() if cfg.val_shards else shards_dir
-        val_manifest = manifest if val_dir == shards_dir else read_manifest(val_dir)
-        valid = val_manifest["splits"].get("valid") or {}
-        job.val_shards = [str(p) for p in shard_paths(val_dir, "valid")] if valid.get("shards") else []
-        n = int(valid.get("samples", 0))
-        job.val_count = min(n, cfg.val_max_images) if cfg.val_max_images else n
-        if not job.val_shards or job.val_count == 0:
-            raise UserError(
-                f"{val_dir}: no validation images (the manifest's valid split is empty); "
-                "give --val-data FOLDER (e.g. a Set5/HR folder) or --val-shards DIR"
-            )
-    return job
+    return resolve_job(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -222,9 +183,11 @@ def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
                 out["errors"].append(f"storage {checks['storage']} holds a different probe file (not the same storage)")
     except Exception as exc:
         out["errors"].append(f"storage {checks['storage']} is not visible ({type(exc).__name__}: {' '.join(str(exc).split())[:150]})")
-    missing = [p for p in checks["files"] if not os.path.exists(p)]
-    if missing:
-        out["errors"].append(f"{len(missing)} data file(s) missing, e.g. {missing[0]}")
+    from pipeline.train.datasource import node_data_problems
+
+    problems = node_data_problems(checks["files"])  # sizes against the manifest, not only existence
+    if problems:
+        out["errors"].append(f"{len(problems)} data problem(s), e.g. {problems[0]}")
     uri = checks.get("tracking_uri")
     if uri and uri.startswith(("http://", "https://")):
         # An authenticated API call with THIS node's credentials (as rank 0 will make them).
@@ -466,15 +429,6 @@ def _train_on_cluster(
         check_resources(cfg, use_gpu, nodes)
         backend = dist_backend("cuda" if use_gpu else "cpu")
         check_reachability(cfg, job, storage_path, tracking_uri, nodes)
-        n_streams = cfg.workers * max(1, cfg.loader_workers)
-        if sum(job.train_counts) < n_streams:
-            console.warn(f"only {sum(job.train_counts)} training samples for {n_streams} loader streams: streams share samples")
-        elif len(job.train_shards) < n_streams:
-            console.warn(
-                f"{len(job.train_shards)} shards for {n_streams} loader streams (workers x loader workers): every "
-                "stream reads all shards; more, smaller shards (preprocess --shard-samples) read less"
-            )
-
         # -- 4. MLflow run (the same one on resume)
         previous_id = record.get("mlflow_run_id") if record and record.get("tracking_uri") == tracking_uri else None
         run_id, exp_id = tracking.open_run(tracking_uri, cfg.experiment, run_name, run_dir, previous_id)

@@ -138,6 +138,7 @@ def start_loader(w: Worker, start_step: int):
         w.job.train_shards, w.job.train_counts, cfg.model.scale, cfg.patch_size, w.local_batch,
         rank=w.rank, world_size=w.world, seed=cfg.seed, start_step=start_step,
         augment=cfg.augment, patches_per_sample=cfg.patches_per_sample, shuffle_buffer=cfg.shuffle_buffer,
+        global_batch=cfg.batch_size, skip_bad_shards=cfg.skip_bad_shards,
     )
     loader = data.make_train_loader(stream, cfg.loader_workers, pin_memory=w.device.type == "cuda")
     return iter(loader), loader  # iter() forks the loader processes now, before our own threads
