@@ -10,11 +10,17 @@ Structure (``format_version`` 1)::
     format            "sr-pipeline/shards"
     format_version    1
     dataset, created, package_version    strings
-    params            what shaped the samples (scales, crop, step, shard_samples, ...)
+    params            what shaped the samples (scales, crop, step, shard_samples, encoding,
+                      name, ...); ``encoding`` "raw" | "png", absent (older manifests) = "png"
     inputs            where the images came from (folders, holdout)
-    splits            {"train": S, "valid": S}, S = {images, samples, shards: [
-                          {name "div2k-<split>-NNNNNN.tar", samples, bytes, sha256}]}
-    skipped           [{file, error}] images left out (with --skip-bad, or too small)
+    splits            {"train": S, "valid": S}, S = {images, samples, min_hr, shards: [
+                          {name "<prefix>-<split>-NNNNNN.tar", samples, bytes, sha256}]}
+                      min_hr = [smallest sample height, smallest sample width] in HR pixels
+                      (null for an empty split; absent in older manifests)
+    skipped           [{file, error}] images left out (with --skip-bad, too small, --min-size)
+
+Shard names carry a prefix from the dataset (``div2k``, ``t91``, or ``--name``); shards made
+before prefixes existed are all ``div2k-...``. Readers take names from the manifest only.
 """
 
 from __future__ import annotations
@@ -30,11 +36,34 @@ MANIFEST = "manifest.json"
 FORMAT = "sr-pipeline/shards"
 FORMAT_VERSION = 1
 SPLITS = ("train", "valid")
-SHARD_RE = re.compile(r"^div2k-(train|valid)-(\d{6})\.tar$")
+# group 1: the dataset prefix, 2: the split, 3: the index
+SHARD_RE = re.compile(r"^([a-z0-9][a-z0-9_-]{0,63})-(train|valid)-(\d{6})\.tar$")
+LEGACY_PREFIX = "div2k"  # every shard written before prefixes existed
+_PREFIX_MAX = 40
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"div2k-{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, prefix: str = LEGACY_PREFIX) -> str:
+    return f"{prefix}-{split}-{index:06d}.tar"
+
+
+def sanitize_prefix(name: str) -> str:
+    """A shard-name prefix from a dataset or folder name: lower case ``[a-z0-9_-]``, at most
+    40 characters, starting with a letter or digit ("DIV2K" -> "div2k", "My Photos" ->
+    "my-photos"); "" when nothing usable is left."""
+    clean = re.sub(r"[^a-z0-9_-]+", "-", name.lower()).strip("-_")
+    return clean[:_PREFIX_MAX].rstrip("-_")
+
+
+def require_one_encoding(manifests: dict[str, dict[str, Any]]) -> str:
+    """The one encoding of several shard sets used together (train and valid shards of one
+    training run); UserError naming both when they differ. Keys label each set (its path)."""
+    from pipeline.preprocess.encoding import of_manifest
+
+    found = {where: of_manifest(m) for where, m in manifests.items()}
+    if len(set(found.values())) > 1:
+        desc = ", ".join(f"{where} is {enc}" for where, enc in found.items())
+        raise UserError(f"mixed shard encodings ({desc}); preprocess them with the same --encoding")
+    return next(iter(found.values()))
 
 
 def manifest_path(out_dir: str | Path) -> Path:
@@ -76,7 +105,7 @@ def validate_manifest(data: Any, path: Path) -> dict[str, Any]:
                 raise _fail(path, f"split {split!r}: shard {i} is not an object")
             name = shard.get("name")
             m = SHARD_RE.match(name) if isinstance(name, str) else None
-            if m is None or m.group(1) != split:
+            if m is None or m.group(2) != split:
                 raise _fail(path, f"split {split!r}: bad shard name {name!r}")
             if not isinstance(shard.get("samples"), int) or shard["samples"] <= 0:
                 raise _fail(path, f"{name}: 'samples' must be a positive integer")
@@ -88,6 +117,14 @@ def validate_manifest(data: Any, path: Path) -> dict[str, Any]:
             total += shard["samples"]
         if total != info["samples"]:
             raise _fail(path, f"split {split!r}: shards hold {total} samples but 'samples' says {info['samples']}")
+        min_hr = info.get("min_hr")
+        if min_hr is not None and not (
+            isinstance(min_hr, list) and len(min_hr) == 2 and all(isinstance(v, int) and v > 0 for v in min_hr)
+        ):
+            raise _fail(path, f"split {split!r}: 'min_hr' must be [height, width] in pixels")
+    encoding = data["params"].get("encoding", "png")
+    if encoding not in ("raw", "png"):
+        raise _fail(path, f"unknown shard encoding {encoding!r} in params (this version reads raw and png)")
     skipped = data.get("skipped")
     if not isinstance(skipped, list) or not all(
         isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("error"), str) for s in skipped

@@ -59,6 +59,12 @@ from pipeline.preprocess.tarwriter import (
 JOURNAL = ".preprocess-journal.jsonl"
 LOCK = ".preprocess.lock"
 JOURNAL_VERSION = 1
+_NOTE_ENV = "SR_PIPELINE_PREPROCESS_NOTE"  # file where a worker leaves why it could not start
+_GUARD_HINT = (
+    "the preprocess API was called again while a worker process imported your script "
+    "(workers are spawned, which re-imports the main module): put the call under "
+    "`if __name__ == \"__main__\":`"
+)
 _BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 Pos = tuple[int, int]  # (image index, sample offset within that image)
@@ -127,6 +133,7 @@ class Journal:
         rec = {
             "type": "image", "split": res.split, "index": res.index, "source": res.source,
             "samples": len(res.samples), "error": res.error, "skipped": res.skipped, "note": res.note,
+            "min_hr": list(res.min_hr) if res.min_hr else None,
         }
         self.images[res.split][res.index] = rec
         self._write(rec, sync=False)  # made durable by the next shard record's fsync
@@ -171,22 +178,54 @@ def _worker_init(parent: int) -> None:
 def _pool(jobs: int) -> Iterator[ProcessPoolExecutor]:
     """Spawned workers with one BLAS thread each: `jobs` processes, not jobs x BLAS threads."""
     import multiprocessing
+    import tempfile
 
-    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
+    saved = {k: os.environ.get(k) for k in (*_BLAS_ENV, _NOTE_ENV)}
     os.environ.update({k: "1" for k in _BLAS_ENV})  # inherited by workers spawned from here on
+    fd, note = tempfile.mkstemp(prefix="sr-preprocess-note-")
+    os.close(fd)
+    os.environ[_NOTE_ENV] = note
     ex = ProcessPoolExecutor(
         max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
         initializer=_worker_init, initargs=(os.getpid(),),
     )
     try:
         yield ex
+    except UserError as exc:
+        if "a worker process died" in str(exc) and _read_note(note):
+            raise UserError(_read_note(note)) from None
+        raise
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
+        with contextlib.suppress(OSError):
+            os.unlink(note)
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _read_note(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return ""
+
+
+def refuse_unguarded_reentry() -> None:
+    """Fail in one line when a spawned worker re-imports a script that calls the preprocess
+    API at module level (no ``__main__`` guard): without this, each worker would start a
+    preprocess of its own and the parent would only see its pool die."""
+    import multiprocessing
+
+    if not getattr(multiprocessing.current_process(), "_inheriting", False):
+        return
+    note = os.environ.get(_NOTE_ENV)
+    if note:  # tell the parent, whose own error is the one the user reads
+        with contextlib.suppress(OSError):
+            Path(note).write_text(_GUARD_HINT)
+    raise UserError(_GUARD_HINT)
 
 
 def _ordered_results(
@@ -224,6 +263,7 @@ class _Run:
     journal: Journal
     jobs: int
     skip_bad: bool
+    prefix: str = mf.LEGACY_PREFIX
     manifest_removed: bool = False
     converted: int = 0
     fresh_images: int = 0
@@ -275,7 +315,7 @@ class _Run:
                 for j in range(lo, min(hi, count)):
                     if writer is None:
                         self._before_first_write()
-                        writer = ShardWriter(self.out / mf.shard_name(split, index))
+                        writer = ShardWriter(self.out / mf.shard_name(split, index, self.prefix))
                         shard_start = (res.index, j)
                     writer.add_sample(res.samples[j][1])
                     if writer.samples == n:
@@ -286,7 +326,7 @@ class _Run:
             if writer is not None:
                 if stop is not None and writer.samples != expected:
                     raise UserError(
-                        f"{self.out}: shard {mf.shard_name(split, index)} could not be rebuilt with its recorded "
+                        f"{self.out}: shard {mf.shard_name(split, index, self.prefix)} could not be rebuilt with its recorded "
                         "samples (inputs changed?); delete the folder's contents and rerun"
                     )
                 self._finish(split, index, writer, shard_start, stop or (len(tasks), 0))
@@ -407,26 +447,51 @@ def _build_manifest(run: _Run) -> dict[str, Any]:
             {k: rec[k] for k in ("name", "samples", "bytes", "sha256")}
             for _, rec in sorted(run.journal.shards[split].items())
         ]
-        splits[split] = {"images": images, "samples": sum(s["samples"] for s in shards), "shards": shards}
+        sizes = [outcomes[t.index].get("min_hr") for t in tasks if outcomes[t.index]["samples"] > 0]
+        sizes = [hw for hw in sizes if hw]
+        min_hr = [min(h for h, _ in sizes), min(w for _, w in sizes)] if sizes else None
+        splits[split] = {
+            "images": images, "samples": sum(s["samples"] for s in shards), "min_hr": min_hr, "shards": shards,
+        }
     return {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
         "dataset": run.inputs.dataset,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
-        "params": {**run.params.as_dict(), "shard_samples": run.cfg.shard_samples},
+        "params": _params_record(run.params, run.cfg, run.prefix),
         "inputs": _inputs_record(run.inputs, run.cfg),
         "splits": splits,
         "skipped": skipped,
     }
 
 
-def _remove_stale(out: Path, manifest: dict[str, Any]) -> int:
-    """Delete our own shard files that the new manifest does not list (older parameters)."""
+def _params_record(params: SampleParams, cfg: PreprocessConfig, prefix: str) -> dict[str, Any]:
+    """The manifest's ``params`` (also fingerprinted): everything that shapes the shards."""
+    return {**params.as_dict(), "shard_samples": cfg.shard_samples, "name": prefix}
+
+
+def shard_prefix(cfg: PreprocessConfig, inputs: Inputs) -> str:
+    """``--name`` or the dataset's folder name, sanitized for shard file names."""
+    given = cfg.name if cfg.name else inputs.dataset
+    prefix = mf.sanitize_prefix(given)
+    if not prefix:
+        what = f"--name {cfg.name!r}" if cfg.name else f"dataset name {inputs.dataset!r}"
+        raise UserError(f"{what}: no letters or digits to name the shards with; give --name (e.g. --name photos)")
+    return prefix
+
+
+def _remove_stale(out: Path, manifest: dict[str, Any], ours: set[str]) -> int:
+    """Delete our own shard files that the new manifest does not list (older parameters).
+
+    "Our own" means a shard-shaped name with this run's prefix or one an earlier manifest or
+    journal here listed: another dataset's shards that happen to share the folder are kept."""
     listed = {s["name"] for split in mf.SPLITS for s in manifest["splits"][split]["shards"]}
+    prefix = manifest["params"]["name"]
     removed = 0
     for p in out.iterdir():
-        if mf.SHARD_RE.match(p.name) and p.name not in listed:
+        m = mf.SHARD_RE.match(p.name)
+        if m and p.name not in listed and (m.group(1) == prefix or p.name in ours):
             p.unlink()
             removed += 1
     return removed
@@ -459,6 +524,8 @@ def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) 
     changes = []
     for section in ("params", "inputs"):
         before = old.get(section) if isinstance(old.get(section), dict) else {}
+        if section == "params":  # what older manifests meant by leaving a field out
+            before = {"encoding": "png", "name": mf.LEGACY_PREFIX, **before}
         after = new[section]
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
@@ -484,6 +551,7 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
     leave neither the old dataset nor the new one. Ctrl-C (or SIGTERM) says how many complete
     shards are kept, then propagates as KeyboardInterrupt.
     """
+    refuse_unguarded_reentry()
     if not cfg.out:
         raise UserError("--out is required: the folder that receives the shards and manifest.json")
     inputs = discover(cfg)
@@ -491,13 +559,16 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
         first = inputs.ignored[0]
         more = f" and {len(inputs.ignored) - 1} more" if len(inputs.ignored) > 1 else ""
         console.warn(f"ignored non-image file {first}{more}")
+    prefix = shard_prefix(cfg, inputs)
     out = Path(cfg.out)
     _check_writable(out)
-    params = SampleParams(tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level)
-    fp = fingerprint(inputs, {**params.as_dict(), "shard_samples": cfg.shard_samples}, __version__)
+    params = SampleParams(
+        tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level, encoding=cfg.encoding, min_size=cfg.min_size
+    )
+    fp = fingerprint(inputs, _params_record(params, cfg, prefix), __version__)
     journal = Journal(out, fp)
     try:
-        return _run_locked(cfg, force, out, inputs, params, journal)
+        return _run_locked(cfg, force, out, inputs, params, journal, prefix)
     except KeyboardInterrupt:
         console.info(
             f"interrupted: {_complete_shards(out, journal)} complete shard(s) kept in {out}; "
@@ -507,16 +578,14 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
 
 
 def _run_locked(
-    cfg: PreprocessConfig, force: bool, out: Path, inputs: Inputs, params: SampleParams, journal: Journal
+    cfg: PreprocessConfig, force: bool, out: Path, inputs: Inputs, params: SampleParams, journal: Journal, prefix: str
 ) -> dict[str, Any]:
     jobs = resolve_jobs(cfg.jobs)
     t0 = time.monotonic()
     with _locked(out), _sigterm_as_interrupt():
         resumed = journal.load()
         if not resumed:
-            changes = settings_changes(
-                out, {**params.as_dict(), "shard_samples": cfg.shard_samples}, _inputs_record(inputs, cfg)
-            )
+            changes = settings_changes(out, _params_record(params, cfg, prefix), _inputs_record(inputs, cfg))
             if changes and not force:
                 raise UserError(
                     f"{out}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
@@ -525,13 +594,17 @@ def _run_locked(
             if journal.path.exists():
                 console.info(f"{out}: starting over (the earlier run there used other settings or input files)")
         for p in out.iterdir():  # temp files of a killed run
-            if p.name.startswith(".div2k-") and p.name.endswith(".tar.tmp"):
+            if p.name.startswith(".") and p.name.endswith(".tar.tmp") and mf.SHARD_RE.match(p.name[1:-4]):
                 p.unlink()
         old_manifest = None
-        if resumed:
-            with contextlib.suppress(UserError):
-                old_manifest = mf.read_manifest(out)
-        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad)
+        with contextlib.suppress(UserError):
+            old_manifest = mf.read_manifest(out)
+        ours = {rec["name"] for split in mf.SPLITS for rec in journal.shards[split].values()}
+        if old_manifest is not None:
+            ours |= {s["name"] for split in mf.SPLITS for s in old_manifest["splits"][split]["shards"]}
+        if not resumed:
+            old_manifest = None
+        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad, prefix)
         if not cfg.skip_bad:  # a previous --skip-bad run must not silently pass now
             for split in mf.SPLITS:
                 for rec in journal.images[split].values():
@@ -576,12 +649,16 @@ def _run_locked(
             except OSError as exc:
                 raise write_error(mf.manifest_path(out), exc) from None
             fsync_dir(out)
-        removed = _remove_stale(out, manifest)
+        removed = _remove_stale(out, manifest, ours)
     elapsed = time.monotonic() - t0
     if run.converted > 1:
         console.info(f"{run.converted} images were converted to 8-bit RGB")
     if removed:
         console.info(f"removed {removed} shard(s) left from an earlier run with other settings")
+    if cfg.min_size:
+        small = sum(1 for split in mf.SPLITS for rec in journal.images[split].values()
+                    if rec["skipped"] and "--min-size" in rec["skipped"])
+        console.info(f"{small} image(s) with a side below --min-size {cfg.min_size} px dropped (listed in the manifest)")
     tr, va = manifest["splits"]["train"], manifest["splits"]["valid"]
     rate = f", {run.fresh_images / elapsed:.2f} img/s" if run.fresh_images and elapsed > 0 else ""
     console.info(
