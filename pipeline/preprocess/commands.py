@@ -19,7 +19,7 @@ def preprocess(
     images: Annotated[Optional[str], typer.Option("--images", help="Any folder of images instead of the DIV2K layout: the train split.")] = None,  # noqa: UP045
     valid_images: Annotated[Optional[str], typer.Option("--valid-images", help="With --images: a folder of images for the valid split.")] = None,  # noqa: UP045
     holdout: Annotated[Optional[int], typer.Option("--holdout", help="With --images: use the last N images (by name) as the valid split.")] = None,  # noqa: UP045
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for shards and manifest.json. Default: $SR_PIPELINE_HOME/data/shards.")] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for shards and manifest.json, or object storage (s3://BUCKET/PREFIX, gs://..., credentials from the environment). Default: $SR_PIPELINE_HOME/data/shards.")] = None,  # noqa: UP045
     scales: Annotated[Optional[str], typer.Option("--scales", help="LR scales to store, e.g. 2,3,4 (the default).")] = None,  # noqa: UP045
     crop: Annotated[Optional[int], typer.Option("--crop", help="Train sub-image side in HR pixels (multiple of 12; default 480).")] = None,  # noqa: UP045
     step: Annotated[Optional[int], typer.Option("--step", help="Stride between train sub-images (multiple of 12; default 240).")] = None,  # noqa: UP045

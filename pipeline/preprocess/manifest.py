@@ -133,8 +133,26 @@ def validate_manifest(data: Any, path: Path) -> dict[str, Any]:
     return data
 
 
+def _remote(location: str | Path):
+    """A :class:`~pipeline.preprocess.output.RemoteOut` for a URI, else None."""
+    from pipeline.preprocess.output import RemoteOut, is_remote
+
+    return RemoteOut(str(location)) if is_remote(str(location)) else None
+
+
+def shown_location(location: str | Path) -> str:
+    """How to name a shard location in messages (a URI without embedded credentials)."""
+    from pipeline.preprocess.output import redact
+
+    return redact(str(location))
+
+
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
-    """The validated manifest of a shard directory; UserError if missing or corrupt."""
+    """The validated manifest of a shard directory or object-storage prefix (``s3://...``);
+    UserError if missing or corrupt."""
+    remote = _remote(out_dir)
+    if remote is not None:
+        return remote.read_manifest()
     path = manifest_path(out_dir)
     if not Path(out_dir).is_dir():
         raise UserError(f"{out_dir}: shard folder not found")
@@ -166,23 +184,62 @@ def shard_paths(out_dir: str | Path, split: str) -> list[Path]:
     return paths
 
 
+def shard_urls(out_dir: str | Path, split: str) -> list[str]:
+    """A split's shards in manifest order, as absolute paths (local) or URIs (object storage:
+    ``s3://bucket/prefix/<name>``); UserError if any is missing. The readers' entry point for
+    both kinds of location."""
+    remote = _remote(out_dir)
+    if remote is None:
+        return [str(p) for p in shard_paths(out_dir, split)]
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r} (choose from {', '.join(SPLITS)})")
+    manifest = remote.read_manifest()
+    present = set(remote.names())
+    urls = []
+    for s in manifest["splits"][split]["shards"]:
+        if s["name"] not in present:
+            raise UserError(f"{remote.shown}/{s['name']}: shard listed in {MANIFEST} is missing "
+                            "(rerun `sr-pipeline preprocess` to restore it)")
+        urls.append(f"{remote.uri}/{s['name']}")
+    return urls
+
+
+def _hash_remote(remote, name: str) -> tuple[str, int] | None:
+    import hashlib
+
+    if remote.size(name) is None:
+        return None
+    sha, size = hashlib.sha256(), 0
+    with remote.fs.open_input_stream(remote.key(name)) as f:
+        while block := f.read(8 << 20):
+            sha.update(block)
+            size += len(block)
+    return sha.hexdigest(), size
+
+
 def verify_shards(out_dir: str | Path) -> tuple[int, int, list[str]]:
     """Re-hash every shard against the manifest: (shards checked, bytes, problems)."""
     from pipeline.console import progress_bar
     from pipeline.preprocess.tarwriter import sha256_file
 
     manifest = read_manifest(out_dir)
-    root = Path(out_dir)
+    remote = _remote(out_dir)
+    root = Path(out_dir) if remote is None else None
     entries = [s for split in SPLITS for s in manifest["splits"][split]["shards"]]
     problems: list[str] = []
     total = 0
     with progress_bar("verify", total=len(entries), unit="shard") as bar:
         for entry in entries:
-            path = root / entry["name"]
-            if not path.is_file():
+            if remote is not None:
+                path = f"{remote.shown}/{entry['name']}"
+                found = _hash_remote(remote, entry["name"])
+            else:
+                path = root / entry["name"]  # type: ignore[operator]
+                found = sha256_file(path) if path.is_file() else None
+            if found is None:
                 problems.append(f"{path}: missing")
             else:
-                sha, size = sha256_file(path)
+                sha, size = found
                 total += size
                 if size != entry["bytes"]:
                     problems.append(f"{path}: size {size} bytes, manifest says {entry['bytes']}")

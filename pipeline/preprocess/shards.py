@@ -44,15 +44,13 @@ from typing import Any
 from pipeline import __version__, console
 from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
-from pipeline.imageio import atomic_write_bytes
 from pipeline.preprocess import manifest as mf
+from pipeline.preprocess.output import LocalOut, RemoteOut, is_remote
 from pipeline.preprocess.sources import Inputs, discover, fingerprint
 from pipeline.preprocess.subimages import ImageResult, ImageTask, SampleParams, process_image
 from pipeline.preprocess.tarwriter import (
     ShardInfo,
     ShardWriter,
-    fsync_dir,
-    sha256_file,
     write_error,
 )
 
@@ -264,6 +262,7 @@ class _Run:
     jobs: int
     skip_bad: bool
     prefix: str = mf.LEGACY_PREFIX
+    dest: LocalOut | RemoteOut | None = None
     manifest_removed: bool = False
     converted: int = 0
     fresh_images: int = 0
@@ -273,8 +272,8 @@ class _Run:
     def _before_first_write(self) -> None:
         """A manifest must never describe shards that are being replaced."""
         if not self.manifest_removed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(mf.manifest_path(self.out))
+            assert self.dest is not None
+            self.dest.remove_manifest()
             self.manifest_removed = True
 
     def _consume(self, res: ImageResult) -> None:
@@ -338,7 +337,10 @@ class _Run:
     def _finish(self, split: str, index: int, writer: ShardWriter, start: Pos, end: Pos) -> None:
         old = self.journal.shards[split].get(index)
         info = writer.finish()
+        assert self.dest is not None
+        self.dest.publish(info.name)  # object storage: upload, then drop the local copy
         self.journal.shard(split, index, info, start, end)
+        self.dest.sync_journal(self.journal.path)
         if old is not None and old["sha256"] != info.sha256:
             console.warn(f"{info.name}: rebuilt shard differs from the previous run's bytes (library versions changed?)")
 
@@ -403,6 +405,21 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _drop_temp_shards(dest: LocalOut | RemoteOut, out: Path) -> None:
+    """Temporary shard files (and, for object storage, temporary keys) of a killed run."""
+
+    def is_temp(name: str) -> bool:
+        return name.startswith(".") and name.endswith(".tar.tmp") and bool(mf.SHARD_RE.match(name[1:-4]))
+
+    for p in out.iterdir():
+        if is_temp(p.name):
+            p.unlink()
+    if dest.remote:
+        for name in dest.names():
+            if is_temp(name):
+                dest.delete(name)
+
+
 def _cpu_count() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -414,18 +431,15 @@ def resolve_jobs(jobs: int) -> int:
     return jobs if jobs > 0 else _cpu_count()
 
 
-def _valid_journaled(out: Path, journal: Journal, split: str) -> tuple[list[int], list[int]]:
-    """(kept shard indices, journaled shards to rebuild): a shard is kept iff its file hashes
-    to the journaled sha256 (a full re-read: cheap next to regenerating it)."""
+def _valid_journaled(dest: LocalOut | RemoteOut, journal: Journal, split: str) -> tuple[list[int], list[int]]:
+    """(kept shard indices, journaled shards to rebuild): a local shard is kept iff its file
+    hashes to the journaled sha256 (a full re-read: cheap next to regenerating it); an object
+    iff it has the journaled size (see :mod:`.output`)."""
     kept, redo = [], []
     indices = sorted(journal.shards[split])
     for index in console.track(indices, f"check {split} shards", unit="shard") if indices else []:
         rec = journal.shards[split][index]
-        path = out / rec["name"]
-        ok = False
-        if path.is_file() and path.stat().st_size == rec["bytes"]:
-            ok = sha256_file(path)[0] == rec["sha256"]
-        (kept if ok else redo).append(index)
+        (kept if dest.shard_ok(rec["name"], rec["bytes"], rec["sha256"]) else redo).append(index)
     return kept, redo
 
 
@@ -481,7 +495,7 @@ def shard_prefix(cfg: PreprocessConfig, inputs: Inputs) -> str:
     return prefix
 
 
-def _remove_stale(out: Path, manifest: dict[str, Any], ours: set[str]) -> int:
+def _remove_stale(dest: LocalOut | RemoteOut, manifest: dict[str, Any], ours: set[str]) -> int:
     """Delete our own shard files that the new manifest does not list (older parameters).
 
     "Our own" means a shard-shaped name with this run's prefix or one an earlier manifest or
@@ -489,10 +503,10 @@ def _remove_stale(out: Path, manifest: dict[str, Any], ours: set[str]) -> int:
     listed = {s["name"] for split in mf.SPLITS for s in manifest["splits"][split]["shards"]}
     prefix = manifest["params"]["name"]
     removed = 0
-    for p in out.iterdir():
-        m = mf.SHARD_RE.match(p.name)
-        if m and p.name not in listed and (m.group(1) == prefix or p.name in ours):
-            p.unlink()
+    for name in dest.names():
+        m = mf.SHARD_RE.match(name)
+        if m and name not in listed and (m.group(1) == prefix or name in ours):
+            dest.delete(name)
             removed += 1
     return removed
 
@@ -513,11 +527,11 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
-    """How this run's settings differ from those of the finished dataset in `out` ([] when
+def settings_changes(dest: LocalOut | RemoteOut, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """How this run's settings differ from those of the finished dataset in `dest` ([] when
     there is none, or it was made with the same settings)."""
     try:
-        old = mf.read_manifest(out)
+        old = dest.read_manifest()
     except UserError:  # nothing finished here (or an unreadable manifest, replaced anyway)
         return []
     new = json.loads(json.dumps({"params": params, "inputs": inputs}))  # lists, as stored
@@ -533,13 +547,13 @@ def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) 
     return changes
 
 
-def _complete_shards(out: Path, journal: Journal) -> int:
-    """Journaled shards still on disk at their recorded size: what a rerun will keep."""
+def _complete_shards(dest: LocalOut | RemoteOut, journal: Journal) -> int:
+    """Journaled shards still there at their recorded size: what a rerun will keep."""
     count = 0
     for split in mf.SPLITS:
         for rec in journal.shards[split].values():
-            with contextlib.suppress(OSError):
-                count += (out / rec["name"]).stat().st_size == rec["bytes"]
+            with contextlib.suppress(OSError, UserError):
+                count += dest.size(rec["name"]) == rec["bytes"]
     return count
 
 
@@ -560,7 +574,13 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
         more = f" and {len(inputs.ignored) - 1} more" if len(inputs.ignored) > 1 else ""
         console.warn(f"ignored non-image file {first}{more}")
     prefix = shard_prefix(cfg, inputs)
-    out = Path(cfg.out)
+    dest: LocalOut | RemoteOut
+    if is_remote(cfg.out):
+        dest = RemoteOut(cfg.out)
+        dest.check()  # one line for a bad URL, missing bucket, no credentials, unreachable
+    else:
+        dest = LocalOut(Path(cfg.out))
+    out = dest.staging_dir()
     _check_writable(out)
     params = SampleParams(
         tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level, encoding=cfg.encoding, min_size=cfg.min_size
@@ -568,43 +588,47 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
     fp = fingerprint(inputs, _params_record(params, cfg, prefix), __version__)
     journal = Journal(out, fp)
     try:
-        return _run_locked(cfg, force, out, inputs, params, journal, prefix)
+        return _run_locked(cfg, force, dest, inputs, params, journal, prefix)
     except KeyboardInterrupt:
         console.info(
-            f"interrupted: {_complete_shards(out, journal)} complete shard(s) kept in {out}; "
+            f"interrupted: {_complete_shards(dest, journal)} complete shard(s) kept in {dest.shown}; "
             "rerun the same command to resume"
         )
         raise
 
 
 def _run_locked(
-    cfg: PreprocessConfig, force: bool, out: Path, inputs: Inputs, params: SampleParams, journal: Journal, prefix: str
+    cfg: PreprocessConfig, force: bool, dest: LocalOut | RemoteOut, inputs: Inputs, params: SampleParams,
+    journal: Journal, prefix: str,
 ) -> dict[str, Any]:
     jobs = resolve_jobs(cfg.jobs)
     t0 = time.monotonic()
+    out, shown = dest.staging_dir(), dest.shown
     with _locked(out), _sigterm_as_interrupt():
+        if dest.remote and not journal.path.exists():  # resuming on another machine
+            remote_journal = dest.get_bytes(JOURNAL)  # type: ignore[union-attr]
+            if remote_journal is not None:
+                journal.path.write_bytes(remote_journal)
         resumed = journal.load()
         if not resumed:
-            changes = settings_changes(out, _params_record(params, cfg, prefix), _inputs_record(inputs, cfg))
+            changes = settings_changes(dest, _params_record(params, cfg, prefix), _inputs_record(inputs, cfg))
             if changes and not force:
                 raise UserError(
-                    f"{out}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
+                    f"{shown}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
                     "rerun with --force to replace it, or choose another --out"
                 )
             if journal.path.exists():
-                console.info(f"{out}: starting over (the earlier run there used other settings or input files)")
-        for p in out.iterdir():  # temp files of a killed run
-            if p.name.startswith(".") and p.name.endswith(".tar.tmp") and mf.SHARD_RE.match(p.name[1:-4]):
-                p.unlink()
+                console.info(f"{shown}: starting over (the earlier run there used other settings or input files)")
+        _drop_temp_shards(dest, out)
         old_manifest = None
         with contextlib.suppress(UserError):
-            old_manifest = mf.read_manifest(out)
+            old_manifest = dest.read_manifest()
         ours = {rec["name"] for split in mf.SPLITS for rec in journal.shards[split].values()}
         if old_manifest is not None:
             ours |= {s["name"] for split in mf.SPLITS for s in old_manifest["splits"][split]["shards"]}
         if not resumed:
             old_manifest = None
-        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad, prefix)
+        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad, prefix, dest)
         if not cfg.skip_bad:  # a previous --skip-bad run must not silently pass now
             for split in mf.SPLITS:
                 for rec in journal.images[split].values():
@@ -613,7 +637,7 @@ def _run_locked(
         plan: list[tuple[str, Pos, int, Pos | None, int | None]] = []
         kept_total = 0
         for split in mf.SPLITS:
-            kept, redo = _valid_journaled(out, journal, split) if resumed else ([], [])
+            kept, redo = _valid_journaled(dest, journal, split) if resumed else ([], [])
             kept_total += len(kept)
             for index in redo:
                 rec = journal.shards[split][index]
@@ -628,7 +652,7 @@ def _run_locked(
         journal.open(fresh=not resumed)
         try:
             if kept_total:
-                console.info(f"resuming: {kept_total} complete shard(s) kept in {out}")
+                console.info(f"resuming: {kept_total} complete shard(s) kept in {shown}")
             if plan:
                 with _pool(jobs) as ex, console.progress_bar("preprocess", total=n_images, unit="img") as bar:
                     for split, start, index, stop, expected in plan:
@@ -644,12 +668,8 @@ def _run_locked(
         if manifest.get("splits", {}).get("train", {}).get("samples", 0) == 0:
             raise UserError(f"{next(iter(inputs.roots.values()))}: no usable training images (see the warnings above)")
         if manifest is not old_manifest:
-            try:
-                atomic_write_bytes(mf.manifest_path(out), (json.dumps(manifest, indent=1) + "\n").encode())
-            except OSError as exc:
-                raise write_error(mf.manifest_path(out), exc) from None
-            fsync_dir(out)
-        removed = _remove_stale(out, manifest, ours)
+            dest.write_manifest((json.dumps(manifest, indent=1) + "\n").encode())
+        removed = _remove_stale(dest, manifest, ours)
     elapsed = time.monotonic() - t0
     if run.converted > 1:
         console.info(f"{run.converted} images were converted to 8-bit RGB")
@@ -662,7 +682,7 @@ def _run_locked(
     tr, va = manifest["splits"]["train"], manifest["splits"]["valid"]
     rate = f", {run.fresh_images / elapsed:.2f} img/s" if run.fresh_images and elapsed > 0 else ""
     console.info(
-        f"{out}: train {tr['samples']} samples in {len(tr['shards'])} shards from {tr['images']} images; "
+        f"{shown}: train {tr['samples']} samples in {len(tr['shards'])} shards from {tr['images']} images; "
         f"valid {va['samples']} samples in {len(va['shards'])} shards; "
         f"{len(manifest['skipped'])} skipped; {elapsed:.1f}s{rate}"
     )
@@ -672,6 +692,7 @@ def _run_locked(
 def verify(out: str | Path) -> int:
     """`--verify`: re-hash every shard; raises UserError listing the first problem."""
     count, size, problems = mf.verify_shards(out)
+    out = mf.shown_location(out)
     for p in problems:
         console.info(f"bad shard: {p}")
     if problems:
