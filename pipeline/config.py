@@ -85,6 +85,7 @@ class PreprocessConfig:
     encoding: str = "raw"  # raw: uncompressed .npy members the loader crops without decoding | png
     min_size: int = 0  # skip images whose shorter side is below this many pixels (0: keep all)
     name: str | None = None  # shard-name prefix (default: from the input folder, e.g. div2k)
+    address: str | None = None  # Ray cluster HOST:PORT (or $RAY_ADDRESS): per-image work as Ray tasks
 
     def validate(self) -> None:
         if not self.scales:

@@ -30,6 +30,7 @@ def preprocess(
     encoding: Annotated[Optional[str], typer.Option("--encoding", help="raw (default: uncompressed .npy arrays the train loader crops without decoding; larger) or png (smaller, decoded per sample).")] = None,  # noqa: UP045
     min_size: Annotated[Optional[int], typer.Option("--min-size", help="Drop images whose shorter side is below N pixels (counted, and listed in the manifest's skipped).")] = None,  # noqa: UP045
     name: Annotated[Optional[str], typer.Option("--name", help="Shard-name prefix, e.g. t91 -> t91-train-000000.tar (default: from the input folder; div2k for the DIV2K layout).")] = None,  # noqa: UP045
+    address: Annotated[Optional[str], typer.Option("--address", help="Run the per-image work as Ray tasks on the cluster at HOST:PORT (default: $RAY_ADDRESS if set, else local processes). Inputs must be at the same path on every node; this process writes the shards.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option("--force", help="Replace a finished dataset in --out that was made with other settings (without it, that is an error).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Only re-hash the shards in --out against manifest.json.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file with preprocess options (CLI options win).")] = None,  # noqa: UP045
@@ -49,7 +50,7 @@ def preprocess(
         "data_dir": data_dir, "images": images, "valid_images": valid_images, "holdout": holdout,
         "out": out, "scales": scales, "crop": crop, "step": step, "shard_samples": shard_samples,
         "jobs": jobs, "skip_bad": skip_bad, "png_compress_level": png_compress_level,
-        "encoding": encoding, "min_size": min_size, "name": name,
+        "encoding": encoding, "min_size": min_size, "name": name, "address": address,
     }
     cfg = load_config(PreprocessConfig, yaml_path=config, overrides=overrides)
     if not cfg.data_dir and not cfg.images:

@@ -34,8 +34,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -46,8 +44,14 @@ from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
 from pipeline.preprocess import manifest as mf
 from pipeline.preprocess.output import LocalOut, RemoteOut, is_remote
+from pipeline.preprocess.pool import (
+    executor,
+    ordered_results,
+    refuse_unguarded_reentry,
+    resolve_jobs,
+)
 from pipeline.preprocess.sources import Inputs, discover, fingerprint
-from pipeline.preprocess.subimages import ImageResult, ImageTask, SampleParams, process_image
+from pipeline.preprocess.subimages import ImageResult, SampleParams
 from pipeline.preprocess.tarwriter import (
     ShardInfo,
     ShardWriter,
@@ -57,13 +61,6 @@ from pipeline.preprocess.tarwriter import (
 JOURNAL = ".preprocess-journal.jsonl"
 LOCK = ".preprocess.lock"
 JOURNAL_VERSION = 1
-_NOTE_ENV = "SR_PIPELINE_PREPROCESS_NOTE"  # file where a worker leaves why it could not start
-_GUARD_HINT = (
-    "the preprocess API was called again while a worker process imported your script "
-    "(workers are spawned, which re-imports the main module): put the call under "
-    "`if __name__ == \"__main__\":`"
-)
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 Pos = tuple[int, int]  # (image index, sample offset within that image)
 
@@ -152,102 +149,6 @@ class Journal:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker pool
-# ---------------------------------------------------------------------------------------------
-
-
-def _worker_init(parent: int) -> None:
-    """Workers leave Ctrl-C to the parent (which then cancels cleanly) and exit by themselves if
-    the parent is killed (a pool worker would otherwise wait on its task queue forever)."""
-    import threading
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-@contextlib.contextmanager
-def _pool(jobs: int) -> Iterator[ProcessPoolExecutor]:
-    """Spawned workers with one BLAS thread each: `jobs` processes, not jobs x BLAS threads."""
-    import multiprocessing
-    import tempfile
-
-    saved = {k: os.environ.get(k) for k in (*_BLAS_ENV, _NOTE_ENV)}
-    os.environ.update({k: "1" for k in _BLAS_ENV})  # inherited by workers spawned from here on
-    fd, note = tempfile.mkstemp(prefix="sr-preprocess-note-")
-    os.close(fd)
-    os.environ[_NOTE_ENV] = note
-    ex = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init, initargs=(os.getpid(),),
-    )
-    try:
-        yield ex
-    except UserError as exc:
-        if "a worker process died" in str(exc) and _read_note(note):
-            raise UserError(_read_note(note)) from None
-        raise
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        with contextlib.suppress(OSError):
-            os.unlink(note)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _read_note(path: str) -> str:
-    try:
-        return Path(path).read_text().strip()
-    except OSError:
-        return ""
-
-
-def refuse_unguarded_reentry() -> None:
-    """Fail in one line when a spawned worker re-imports a script that calls the preprocess
-    API at module level (no ``__main__`` guard): without this, each worker would start a
-    preprocess of its own and the parent would only see its pool die."""
-    import multiprocessing
-
-    if not getattr(multiprocessing.current_process(), "_inheriting", False):
-        return
-    note = os.environ.get(_NOTE_ENV)
-    if note:  # tell the parent, whose own error is the one the user reads
-        with contextlib.suppress(OSError):
-            Path(note).write_text(_GUARD_HINT)
-    raise UserError(_GUARD_HINT)
-
-
-def _ordered_results(
-    ex: ProcessPoolExecutor, tasks: list[ImageTask], params: SampleParams, window: int
-) -> Iterator[ImageResult]:
-    """Results in task order with at most `window` images in flight (bounded memory)."""
-    pending: dict[int, Future] = {}
-    nxt = 0
-    for i in range(len(tasks)):
-        while nxt < len(tasks) and nxt < i + window:
-            pending[nxt] = ex.submit(process_image, tasks[nxt], params)
-            nxt += 1
-        fut = pending.pop(i)
-        try:
-            yield fut.result()
-        except MemoryError:
-            raise UserError(f"{tasks[i].path}: out of memory while preparing this image") from None
-        except BrokenProcessPool:
-            raise UserError(
-                f"{tasks[i].path}: a worker process died while preparing this image (out of memory? try fewer --jobs)"
-            ) from None
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -305,7 +206,7 @@ class _Run:
         writer: ShardWriter | None = None
         index, shard_start = first_index, start
         try:
-            for res in _ordered_results(ex, todo, self.params, window=self.jobs + 4):
+            for res in ordered_results(ex, todo, self.params, window=self.jobs + 4):
                 self._consume(res)
                 bar.advance()
                 count = len(res.samples)
@@ -419,16 +320,6 @@ def _drop_temp_shards(dest: LocalOut | RemoteOut, out: Path) -> None:
             if is_temp(name):
                 dest.delete(name)
 
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def resolve_jobs(jobs: int) -> int:
-    return jobs if jobs > 0 else _cpu_count()
 
 
 def _valid_journaled(dest: LocalOut | RemoteOut, journal: Journal, split: str) -> tuple[list[int], list[int]]:
@@ -654,7 +545,11 @@ def _run_locked(
             if kept_total:
                 console.info(f"resuming: {kept_total} complete shard(s) kept in {shown}")
             if plan:
-                with _pool(jobs) as ex, console.progress_bar("preprocess", total=n_images, unit="img") as bar:
+                address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+                with executor(jobs, address) as (ex, slots), console.progress_bar(
+                    "preprocess", total=n_images, unit="img"
+                ) as bar:
+                    run.jobs = slots
                     for split, start, index, stop, expected in plan:
                         run.produce(ex, split, start, index, stop, bar, expected)
         finally:
