@@ -116,3 +116,59 @@ def test_rejected_credentials_are_named(s3_server, t91_small, tmp_path):
         assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in proc.stderr
     finally:
         stop_session(server)
+
+
+class _FailingStream:
+    """An upload stream that dies after `budget` bytes, as a dropped connection would."""
+
+    def __init__(self, inner, budget: int) -> None:
+        self.inner, self.budget = inner, budget
+
+    def write(self, data) -> int:
+        if len(data) > self.budget:
+            raise OSError("simulated connection reset during upload")
+        self.budget -= len(data)
+        return self.inner.write(data)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.inner.close()  # what pyarrow's own stream does on the way out: completes the upload
+
+
+class _FlakyFs:
+    """pyarrow's S3 filesystem, except that the second shard upload breaks off half-way."""
+
+    def __init__(self, fs) -> None:
+        self.fs, self.shard_uploads = fs, 0
+
+    def open_output_stream(self, path, *a, **kw):
+        stream = self.fs.open_output_stream(path, *a, **kw)
+        if path.endswith(".tar.tmp"):
+            self.shard_uploads += 1
+            if self.shard_uploads == 2:
+                return _FailingStream(stream, 20_000)
+        return stream
+
+    def __getattr__(self, name):
+        return getattr(self.fs, name)
+
+
+def test_broken_upload_leaves_no_object_under_a_shard_name(s3_env, t91_small, tmp_path, monkeypatch):
+    from pipeline.train import storage
+
+    local = tmp_path / "local"
+    run_preprocess(_cfg(t91_small, local))
+    real_fs = storage._fs
+    monkeypatch.setattr(storage, "_fs", lambda uri: (lambda fs, p: (_FlakyFs(fs), p))(*real_fs(uri)))
+    url = s3_env.url("flaky")
+    with pytest.raises(UserError, match="simulated connection reset"):
+        run_preprocess(_cfg(t91_small, url))
+    objects = _objects(s3_env, "flaky")
+    published = sorted(k for k in objects if k.endswith(".tar"))
+    assert len(published) == 1 and objects[published[0]] == shard_bytes(local)[published[0]]  # only whole shards
+    assert "manifest.json" not in objects and not [k for k in objects if k.endswith(".tmp")]
+    monkeypatch.setattr(storage, "_fs", real_fs)
+    run_preprocess(_cfg(t91_small, url))  # the rerun resumes and completes
+    assert {k: v for k, v in _objects(s3_env, "flaky").items() if k.endswith(".tar")} == shard_bytes(local)
