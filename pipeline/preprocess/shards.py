@@ -23,6 +23,10 @@ written last, atomically; it is removed before the first shard of a changed data
 so a manifest never describes shards that are not there. Because of that, a finished dataset
 made with other settings (parameters, input folders, holdout) is only replaced when asked to
 (``--force``): an interrupted replacement would leave neither dataset.
+
+Where the work runs and where shards land are separate concerns: :mod:`.pool` runs images in
+local worker processes or as Ray tasks (``--address``), :mod:`.output` publishes finished
+shards to the local folder or to object storage (``s3://...``). Neither changes a byte.
 """
 
 from __future__ import annotations
@@ -319,7 +323,6 @@ def _drop_temp_shards(dest: LocalOut | RemoteOut, out: Path) -> None:
         for name in dest.names():
             if is_temp(name):
                 dest.delete(name)
-
 
 
 def _valid_journaled(dest: LocalOut | RemoteOut, journal: Journal, split: str) -> tuple[list[int], list[int]]:
