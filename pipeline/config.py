@@ -87,6 +87,10 @@ class PreprocessConfig:
     jobs: int = 0  # 0 = all cores
     skip_bad: bool = False
     png_compress_level: int = 1
+    encoding: str = "raw"  # raw: uncompressed .npy members the loader crops without decoding | png
+    min_size: int = 0  # skip images whose shorter side is below this many pixels (0: keep all)
+    name: str | None = None  # shard-name prefix (default: from the input folder, e.g. div2k)
+    address: str | None = None  # Ray cluster HOST:PORT (or $RAY_ADDRESS): per-image work as Ray tasks
 
     def validate(self) -> None:
         if not self.scales:
@@ -109,6 +113,15 @@ class PreprocessConfig:
             raise ConfigError(f"preprocess.jobs must be >= 0 (0 = all cores), got {self.jobs}")
         if not 0 <= self.png_compress_level <= 9:
             raise ConfigError(f"preprocess.png_compress_level must be in 0..9, got {self.png_compress_level}")
+        if self.encoding not in ("raw", "png"):
+            raise ConfigError(f"preprocess.encoding must be raw or png, got {self.encoding!r}")
+        if self.step > self.crop:
+            raise ConfigError(
+                f"preprocess.step ({self.step}) is larger than preprocess.crop ({self.crop}): "
+                "the pixels between sub-images would never be used"
+            )
+        if self.min_size < 0:
+            raise ConfigError(f"preprocess.min_size must be >= 0, got {self.min_size}")
 
 
 @dataclass

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from fixtures_s3 import s3_env, s3_server  # noqa: F401 - fixtures for every test module
 from helpers import BIN, free_port, stop_session, wait_for_port
 
 REPO = Path(__file__).resolve().parents[1]

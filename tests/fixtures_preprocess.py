@@ -46,12 +46,21 @@ def decode(data: bytes) -> np.ndarray:
         return np.asarray(im).copy()
 
 
+def decode_member(name: str, data: bytes) -> np.ndarray:
+    """Pixels of an image member of either encoding (``.npy`` raw or ``.png``)."""
+    if name.endswith(".npy"):
+        arr = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        assert arr.dtype == np.uint8 and arr.ndim == 3 and arr.shape[2] == 3 and arr.flags.c_contiguous
+        return arr
+    return decode(data)
+
+
 def manifest(out: Path) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
 def shard_bytes(out: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(out.glob("div2k-*.tar"))}
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.tar"))}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from pathlib import Path
 import fixtures_preprocess
 import numpy as np
 import pytest
-from fixtures_preprocess import SMALL, decode, read_tar_members
+from fixtures_preprocess import SMALL, decode_member, read_tar_members
 from helpers import BIN, run_cli
 from PIL import Image
 
@@ -60,7 +60,7 @@ def test_truncated_and_corrupt_images_abort_with_one_line(t91_small, tmp_path):
     assert "t11_truncated.png" in line and "truncated" in line
     assert not (out / "manifest.json").exists()
     assert not list(out.glob(".*.tmp"))
-    for p in out.glob("div2k-*.tar"):  # whatever was finished before the bad file is complete
+    for p in out.glob("*.tar"):  # whatever was finished before the bad file is complete
         assert read_tar_members(p)
 
     (t91_small / "t11_truncated.png").write_bytes(b"this is not a PNG at all")
@@ -115,7 +115,7 @@ def test_odd_modes_are_converted_and_said_once(t91_dir, tmp_path):
         "rgb16": src,
     }
     for stem, want in expected.items():
-        got = decode(members[f"train_{stem}_0_0.hr.png"])  # smaller than the crop: one sample
+        got = decode_member(".npy", members[f"train_{stem}_0_0.hr.npy"])  # smaller than the crop: one sample
         np.testing.assert_array_equal(got, want, err_msg=stem)
 
 
@@ -131,7 +131,7 @@ def test_smaller_than_crop_is_one_sample_cropped_to_12(t91_dir, tmp_path):
     members = dict(read_tar_members(shard_paths(out, "train")[0]))
     meta = json.loads(members["train_small_0_0.json"])
     assert meta["box"] == [0, 0, 36, 60] and meta["lr_sizes"]["3"] == [12, 20]
-    np.testing.assert_array_equal(decode(members["train_small_0_0.hr.png"]), img[:36, :60])
+    np.testing.assert_array_equal(decode_member(".npy", members["train_small_0_0.hr.npy"]), img[:36, :60])
     m = read_manifest(out)
     assert m["splits"]["train"]["samples"] == 1 and [Path(s["file"]).name for s in m["skipped"]] == ["sliver.png"]
 
@@ -199,10 +199,10 @@ def test_disk_full_on_a_real_small_filesystem(t91_small, tmp_path):
     proc, out = _run_on_tmpfs(tmp_path, t91_small, "size=400k", [*SMALL, "-j", "1"])
     assert proc.returncode == 1
     line = _one_error_line(proc.stderr)
-    assert "disk full" in line and "div2k-train-" in line
+    assert "disk full" in line and "photos-train-" in line
     assert not (out / "manifest.json").exists()
     assert not list(out.glob(".*.tmp"))
-    finals = sorted(out.glob("div2k-*.tar"))
+    finals = sorted(out.glob("*.tar"))
     assert finals, "the filesystem should have held a few shards before filling up"
     for p in finals:  # complete, valid archives only
         with tarfile.open(p) as tf:
@@ -234,7 +234,7 @@ def test_injected_write_error_leaves_no_partial_shard(t91_small, tmp_path, monke
     with pytest.raises(UserError, match="disk full"):
         run_preprocess(cfg)
     assert not list(out.glob(".*.tmp")) and not (out / "manifest.json").exists()
-    written = sorted(out.glob("div2k-*.tar"))
+    written = sorted(out.glob("*.tar"))
     assert written
     for p in written:
         assert len(read_tar_members(p)) == 16 * 5

@@ -10,7 +10,15 @@ from pathlib import Path
 import fixtures_preprocess
 import numpy as np
 import pytest
-from fixtures_preprocess import SMALL, copy_images, decode, manifest, read_tar_members, shard_bytes
+from fixtures_preprocess import (
+    SMALL,
+    copy_images,
+    decode,
+    decode_member,
+    manifest,
+    read_tar_members,
+    shard_bytes,
+)
 from helpers import run_cli
 from PIL import Image
 
@@ -63,9 +71,11 @@ def test_key_stems_are_safe_and_unique():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path):
+@pytest.mark.parametrize("encoding", ["raw", "png"])
+def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path, encoding):
     out = tmp_path / "out"
-    run_preprocess(_cfg(images=str(t91_small), holdout=1, out=str(out)))
+    run_preprocess(_cfg(images=str(t91_small), holdout=1, out=str(out), encoding=encoding))
+    ext = {"raw": "npy", "png": "png"}[encoding]
     m = read_manifest(out)
     names = sorted(p.name for p in t91_small.iterdir())
     train_names, valid_names = names[:-1], names[-1:]
@@ -84,7 +94,7 @@ def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path):
     seen = {}
     for split in ("train", "valid"):
         paths = shard_paths(out, split)
-        assert [p.name for p in paths] == [f"div2k-{split}-{i:06d}.tar" for i in range(len(paths))]
+        assert [p.name for p in paths] == [f"photos-{split}-{i:06d}.tar" for i in range(len(paths))]
         counts = []
         for p in paths:
             members = read_tar_members(p)
@@ -99,7 +109,7 @@ def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path):
                 assert "." not in key and key not in seen
                 seen[key] = split
                 exts = sorted(n.split(".", 1)[1] for n, _ in members if n.split(".", 1)[0] == key)
-                assert exts == ["hr.png", "json", "lr_x2.png", "lr_x3.png", "lr_x4.png"]
+                assert exts == [f"hr.{ext}", "json", f"lr_x2.{ext}", f"lr_x3.{ext}", f"lr_x4.{ext}"]
                 img, (t, le, bh, bw), src = expected[key]
                 meta = json.loads(by_name[f"{key}.json"])
                 assert meta == {
@@ -107,11 +117,13 @@ def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path):
                     "source_size": list(img.shape[:2]), "scales": [2, 3, 4],
                     "lr_sizes": {str(s): [bh // s, bw // s] for s in (2, 3, 4)},
                 }
-                np.testing.assert_array_equal(decode(by_name[f"{key}.hr.png"]), img[t : t + bh, le : le + bw])
+                hr_name = f"{key}.hr.{ext}"
+                np.testing.assert_array_equal(decode_member(hr_name, by_name[hr_name]), img[t : t + bh, le : le + bw])
                 for s in (2, 3, 4):
                     lr_full = imresize(img, 1 / s)  # LR from the whole image, then cropped
+                    lr_name = f"{key}.lr_x{s}.{ext}"
                     np.testing.assert_array_equal(
-                        decode(by_name[f"{key}.lr_x{s}.png"]),
+                        decode_member(lr_name, by_name[lr_name]),
                         lr_full[t // s : (t + bh) // s, le // s : (le + bw) // s],
                     )
         # equal-size shards, only the last may be shorter
@@ -122,6 +134,11 @@ def test_shards_decode_to_exact_pixels_and_counts(t91_small, tmp_path):
     assert m["splits"]["train"]["images"] == 4 and m["splits"]["valid"]["images"] == 1
     assert m["params"]["crop"] == 48 and m["params"]["scales"] == [2, 3, 4] and m["params"]["shard_samples"] == 16
     assert m["dataset"] == "photos" and m["skipped"] == []
+    assert m["params"]["encoding"] == encoding and m["params"]["name"] == "photos"
+    # smallest sample per split: train crops are 48 px; valid is one whole (modcropped) image
+    valid_img = modcrop(np.asarray(Image.open(t91_small / valid_names[0]).convert("RGB")))
+    assert m["splits"]["train"]["min_hr"] == [48, 48]
+    assert m["splits"]["valid"]["min_hr"] == list(valid_img.shape[:2])
 
 
 def test_parallelism_does_not_change_bytes_and_rerun_is_a_noop(t91_small, tmp_path):
@@ -132,22 +149,22 @@ def test_parallelism_does_not_change_bytes_and_rerun_is_a_noop(t91_small, tmp_pa
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in a.glob("*")}
     m1 = manifest(a)
     run_preprocess(_cfg(images=str(t91_small), out=str(a), jobs=2, scales=[2, 4]))
-    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in a.glob("div2k-*")}
-    assert after == {k: v for k, v in before.items() if k.startswith("div2k-")}  # nothing rewritten
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in a.glob("photos-*")}
+    assert after == {k: v for k, v in before.items() if k.startswith("photos-")}  # nothing rewritten
     assert manifest(a) == m1  # identical, including the creation time
-    assert m1["splits"]["valid"] == {"images": 0, "samples": 0, "shards": []}
-    member = read_tar_members(next(iter(sorted(a.glob("div2k-train-*.tar")))))[1][0]
-    assert member.endswith(".lr_x2.png")
+    assert m1["splits"]["valid"] == {"images": 0, "samples": 0, "min_hr": None, "shards": []}
+    member = read_tar_members(next(iter(sorted(a.glob("photos-train-*.tar")))))[1][0]
+    assert member.endswith(".lr_x2.npy")
 
 
 def test_changed_settings_rebuild_and_remove_stale_shards(t91_small, tmp_path):
     out = tmp_path / "out"
     run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=8))
-    many = len(list(out.glob("div2k-train-*.tar")))
+    many = len(list(out.glob("photos-train-*.tar")))
     with pytest.raises(UserError, match=r"shard_samples 8 -> 64.*--force"):
         run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=64))
     run_preprocess(_cfg(images=str(t91_small), out=str(out), shard_samples=64), force=True)
-    names = sorted(p.name for p in out.glob("div2k-*.tar"))
+    names = sorted(p.name for p in out.glob("photos-*.tar"))
     assert len(names) < many
     assert names == [s["name"] for s in read_manifest(out)["splits"]["train"]["shards"]]
     assert all(s["samples"] == 64 for s in read_manifest(out)["splits"]["train"]["shards"][:-1])
@@ -158,7 +175,7 @@ def test_verify_detects_corruption(t91_small, tmp_path):
     run_cli("preprocess", "--images", str(t91_small), "--out", str(out), *SMALL, "--scales", "2", check=True)
     ok = run_cli("preprocess", "--verify", "--out", str(out), check=True)
     assert "match" in ok.stderr
-    victim = sorted(out.glob("div2k-train-*.tar"))[1]
+    victim = sorted(out.glob("photos-train-*.tar"))[1]
     data = bytearray(victim.read_bytes())
     data[1000] ^= 0xFF
     victim.write_bytes(bytes(data))
@@ -167,7 +184,7 @@ def test_verify_detects_corruption(t91_small, tmp_path):
     assert victim.name in bad.stderr and "sha256 mismatch" in bad.stderr
     assert bad.stderr.strip().splitlines()[-1].startswith("error: ")
     count, _, problems = verify_shards(out)
-    assert len(problems) == 1 and count == len(list(out.glob("div2k-*.tar")))
+    assert len(problems) == 1 and count == len(list(out.glob("photos-*.tar")))
 
 
 def test_data_dir_layout_and_scales_option(set5_dir, t91_dir, tmp_path):
@@ -175,10 +192,12 @@ def test_data_dir_layout_and_scales_option(set5_dir, t91_dir, tmp_path):
     copy_images(t91_dir, root / "DIV2K_train_HR", ["t1.png", "t2.png"])
     copy_images(set5_dir, root / "DIV2K_valid_HR", ["bird.png"])
     out = tmp_path / "out"
-    proc = run_cli("preprocess", "--data-dir", str(root), "--out", str(out), *SMALL, "--scales", "3", "-j", "1", check=True)
+    proc = run_cli("preprocess", "--data-dir", str(root), "--out", str(out), *SMALL, "--scales", "3", "-j", "1",
+                   "--encoding", "png", check=True)
     assert "train" in proc.stderr
     m = read_manifest(out)
-    assert m["dataset"] == "DIV2K" and m["params"]["scales"] == [3]
+    assert m["dataset"] == "DIV2K" and m["params"]["scales"] == [3] and m["params"]["encoding"] == "png"
+    assert [p.name for p in shard_paths(out, "valid")] == ["div2k-valid-000000.tar"]  # DIV2K layout keeps div2k-
     assert m["splits"]["valid"]["images"] == 1 and m["splits"]["valid"]["samples"] == 1
     members = dict(read_tar_members(shard_paths(out, "valid")[0]))
     assert sorted(members) == ["valid_bird_0_0.hr.png", "valid_bird_0_0.json", "valid_bird_0_0.lr_x3.png"]
@@ -245,11 +264,11 @@ def test_webdataset_reads_the_shards(t91_small, tmp_path):
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     keys = []
     for sample in ds:
-        assert set(sample) >= {"__key__", "hr.png", "lr_x2.png", "json"}
+        assert set(sample) >= {"__key__", "hr.npy", "lr_x2.npy", "json"}
         assert json.loads(sample["json"])["key"] == sample["__key__"]
         keys.append(sample["__key__"])
     assert len(keys) == len(set(keys)) == read_manifest(out)["splits"]["train"]["samples"]
-    assert os.path.basename(urls[0]) == "div2k-train-000000.tar"
+    assert os.path.basename(urls[0]) == "photos-train-000000.tar"
 
 
 def _modes(out: Path) -> dict[str, int]:
@@ -287,5 +306,5 @@ def test_written_files_follow_the_umask(t91_small, tmp_path):
     finally:
         os.umask(previous)
     modes = _modes(out)
-    assert "manifest.json" in modes and any(n.startswith("div2k-") for n in modes)
+    assert "manifest.json" in modes and any(n.startswith("photos-") for n in modes)
     assert set(modes.values()) == {0o640}, modes

@@ -19,7 +19,7 @@ def preprocess(
     images: Annotated[Optional[str], typer.Option("--images", help="Any folder of images instead of the DIV2K layout: the train split.")] = None,  # noqa: UP045
     valid_images: Annotated[Optional[str], typer.Option("--valid-images", help="With --images: a folder of images for the valid split.")] = None,  # noqa: UP045
     holdout: Annotated[Optional[int], typer.Option("--holdout", help="With --images: use the last N images (by name) as the valid split.")] = None,  # noqa: UP045
-    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for shards and manifest.json. Default: $SR_PIPELINE_HOME/data/shards.")] = None,  # noqa: UP045
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="Output folder for shards and manifest.json, or object storage (s3://BUCKET/PREFIX, gs://..., credentials from the environment). Default: $SR_PIPELINE_HOME/data/shards.")] = None,  # noqa: UP045
     scales: Annotated[Optional[str], typer.Option("--scales", help="LR scales to store, e.g. 2,3,4 (the default).")] = None,  # noqa: UP045
     crop: Annotated[Optional[int], typer.Option("--crop", help="Train sub-image side in HR pixels (multiple of 12; default 480).")] = None,  # noqa: UP045
     step: Annotated[Optional[int], typer.Option("--step", help="Stride between train sub-images (multiple of 12; default 240).")] = None,  # noqa: UP045
@@ -27,6 +27,10 @@ def preprocess(
     jobs: Annotated[Optional[int], typer.Option("--jobs", "-j", help="Worker processes (default: all cores).")] = None,  # noqa: UP045
     skip_bad: Annotated[Optional[bool], typer.Option("--skip-bad/--no-skip-bad", help="Skip unreadable images and list them in the manifest instead of stopping.")] = None,  # noqa: UP045
     png_compress_level: Annotated[Optional[int], typer.Option("--png-compress-level", help="zlib level 0-9 for the stored PNGs (default 1: fastest; higher levels save little space for much more CPU).")] = None,  # noqa: UP045
+    encoding: Annotated[Optional[str], typer.Option("--encoding", help="raw (default: uncompressed .npy arrays the train loader crops without decoding; larger) or png (smaller, decoded per sample).")] = None,  # noqa: UP045
+    min_size: Annotated[Optional[int], typer.Option("--min-size", help="Drop images whose shorter side is below N pixels (counted, and listed in the manifest's skipped).")] = None,  # noqa: UP045
+    name: Annotated[Optional[str], typer.Option("--name", help="Shard-name prefix, e.g. t91 -> t91-train-000000.tar (default: from the input folder; div2k for the DIV2K layout).")] = None,  # noqa: UP045
+    address: Annotated[Optional[str], typer.Option("--address", help="Run the per-image work as Ray tasks on the cluster at HOST:PORT (default: $RAY_ADDRESS if set, else local processes). Inputs must be at the same path on every node; this process writes the shards.")] = None,  # noqa: UP045
     force: Annotated[bool, typer.Option("--force", help="Replace a finished dataset in --out that was made with other settings (without it, that is an error).")] = False,
     verify: Annotated[bool, typer.Option("--verify", help="Only re-hash the shards in --out against manifest.json.")] = False,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file with preprocess options (CLI options win).")] = None,  # noqa: UP045
@@ -46,6 +50,7 @@ def preprocess(
         "data_dir": data_dir, "images": images, "valid_images": valid_images, "holdout": holdout,
         "out": out, "scales": scales, "crop": crop, "step": step, "shard_samples": shard_samples,
         "jobs": jobs, "skip_bad": skip_bad, "png_compress_level": png_compress_level,
+        "encoding": encoding, "min_size": min_size, "name": name, "address": address,
     }
     cfg = load_config(PreprocessConfig, yaml_path=config, overrides=overrides)
     if not cfg.data_dir and not cfg.images:

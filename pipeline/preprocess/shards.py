@@ -23,6 +23,10 @@ written last, atomically; it is removed before the first shard of a changed data
 so a manifest never describes shards that are not there. Because of that, a finished dataset
 made with other settings (parameters, input folders, holdout) is only replaced when asked to
 (``--force``): an interrupted replacement would leave neither dataset.
+
+Where the work runs and where shards land are separate concerns: :mod:`.pool` runs images in
+local worker processes or as Ray tasks (``--address``), :mod:`.output` publishes finished
+shards to the local folder or to object storage (``s3://...``). Neither changes a byte.
 """
 
 from __future__ import annotations
@@ -34,8 +38,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,22 +46,25 @@ from typing import Any
 from pipeline import __version__, console
 from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
-from pipeline.imageio import atomic_write_bytes
 from pipeline.preprocess import manifest as mf
+from pipeline.preprocess.output import LocalOut, RemoteOut, is_remote
+from pipeline.preprocess.pool import (
+    executor,
+    ordered_results,
+    refuse_unguarded_reentry,
+    resolve_jobs,
+)
 from pipeline.preprocess.sources import Inputs, discover, fingerprint
-from pipeline.preprocess.subimages import ImageResult, ImageTask, SampleParams, process_image
+from pipeline.preprocess.subimages import ImageResult, SampleParams
 from pipeline.preprocess.tarwriter import (
     ShardInfo,
     ShardWriter,
-    fsync_dir,
-    sha256_file,
     write_error,
 )
 
 JOURNAL = ".preprocess-journal.jsonl"
 LOCK = ".preprocess.lock"
 JOURNAL_VERSION = 1
-_BLAS_ENV = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
 
 Pos = tuple[int, int]  # (image index, sample offset within that image)
 
@@ -127,6 +132,7 @@ class Journal:
         rec = {
             "type": "image", "split": res.split, "index": res.index, "source": res.source,
             "samples": len(res.samples), "error": res.error, "skipped": res.skipped, "note": res.note,
+            "min_hr": list(res.min_hr) if res.min_hr else None,
         }
         self.images[res.split][res.index] = rec
         self._write(rec, sync=False)  # made durable by the next shard record's fsync
@@ -147,70 +153,6 @@ class Journal:
 
 
 # ---------------------------------------------------------------------------------------------
-# Worker pool
-# ---------------------------------------------------------------------------------------------
-
-
-def _worker_init(parent: int) -> None:
-    """Workers leave Ctrl-C to the parent (which then cancels cleanly) and exit by themselves if
-    the parent is killed (a pool worker would otherwise wait on its task queue forever)."""
-    import threading
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-    def watch() -> None:
-        while True:
-            time.sleep(1.0)
-            if os.getppid() != parent:
-                os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
-
-
-@contextlib.contextmanager
-def _pool(jobs: int) -> Iterator[ProcessPoolExecutor]:
-    """Spawned workers with one BLAS thread each: `jobs` processes, not jobs x BLAS threads."""
-    import multiprocessing
-
-    saved = {k: os.environ.get(k) for k in _BLAS_ENV}
-    os.environ.update({k: "1" for k in _BLAS_ENV})  # inherited by workers spawned from here on
-    ex = ProcessPoolExecutor(
-        max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
-        initializer=_worker_init, initargs=(os.getpid(),),
-    )
-    try:
-        yield ex
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _ordered_results(
-    ex: ProcessPoolExecutor, tasks: list[ImageTask], params: SampleParams, window: int
-) -> Iterator[ImageResult]:
-    """Results in task order with at most `window` images in flight (bounded memory)."""
-    pending: dict[int, Future] = {}
-    nxt = 0
-    for i in range(len(tasks)):
-        while nxt < len(tasks) and nxt < i + window:
-            pending[nxt] = ex.submit(process_image, tasks[nxt], params)
-            nxt += 1
-        fut = pending.pop(i)
-        try:
-            yield fut.result()
-        except MemoryError:
-            raise UserError(f"{tasks[i].path}: out of memory while preparing this image") from None
-        except BrokenProcessPool:
-            raise UserError(
-                f"{tasks[i].path}: a worker process died while preparing this image (out of memory? try fewer --jobs)"
-            ) from None
-
-
-# ---------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------
 
@@ -224,6 +166,8 @@ class _Run:
     journal: Journal
     jobs: int
     skip_bad: bool
+    prefix: str = mf.LEGACY_PREFIX
+    dest: LocalOut | RemoteOut | None = None
     manifest_removed: bool = False
     converted: int = 0
     fresh_images: int = 0
@@ -233,8 +177,8 @@ class _Run:
     def _before_first_write(self) -> None:
         """A manifest must never describe shards that are being replaced."""
         if not self.manifest_removed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(mf.manifest_path(self.out))
+            assert self.dest is not None
+            self.dest.remove_manifest()
             self.manifest_removed = True
 
     def _consume(self, res: ImageResult) -> None:
@@ -266,7 +210,7 @@ class _Run:
         writer: ShardWriter | None = None
         index, shard_start = first_index, start
         try:
-            for res in _ordered_results(ex, todo, self.params, window=self.jobs + 4):
+            for res in ordered_results(ex, todo, self.params, window=self.jobs + 4):
                 self._consume(res)
                 bar.advance()
                 count = len(res.samples)
@@ -275,7 +219,7 @@ class _Run:
                 for j in range(lo, min(hi, count)):
                     if writer is None:
                         self._before_first_write()
-                        writer = ShardWriter(self.out / mf.shard_name(split, index))
+                        writer = ShardWriter(self.out / mf.shard_name(split, index, self.prefix))
                         shard_start = (res.index, j)
                     writer.add_sample(res.samples[j][1])
                     if writer.samples == n:
@@ -286,7 +230,7 @@ class _Run:
             if writer is not None:
                 if stop is not None and writer.samples != expected:
                     raise UserError(
-                        f"{self.out}: shard {mf.shard_name(split, index)} could not be rebuilt with its recorded "
+                        f"{self.out}: shard {mf.shard_name(split, index, self.prefix)} could not be rebuilt with its recorded "
                         "samples (inputs changed?); delete the folder's contents and rerun"
                     )
                 self._finish(split, index, writer, shard_start, stop or (len(tasks), 0))
@@ -298,7 +242,10 @@ class _Run:
     def _finish(self, split: str, index: int, writer: ShardWriter, start: Pos, end: Pos) -> None:
         old = self.journal.shards[split].get(index)
         info = writer.finish()
+        assert self.dest is not None
+        self.dest.publish(info.name)  # object storage: upload, then drop the local copy
         self.journal.shard(split, index, info, start, end)
+        self.dest.sync_journal(self.journal.path)
         if old is not None and old["sha256"] != info.sha256:
             console.warn(f"{info.name}: rebuilt shard differs from the previous run's bytes (library versions changed?)")
 
@@ -363,29 +310,30 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
+def _drop_temp_shards(dest: LocalOut | RemoteOut, out: Path) -> None:
+    """Temporary shard files (and, for object storage, temporary keys) of a killed run."""
+
+    def is_temp(name: str) -> bool:
+        return name.startswith(".") and name.endswith(".tar.tmp") and bool(mf.SHARD_RE.match(name[1:-4]))
+
+    for p in out.iterdir():
+        if is_temp(p.name):
+            p.unlink()
+    if dest.remote:
+        for name in dest.names():
+            if is_temp(name):
+                dest.delete(name)
 
 
-def resolve_jobs(jobs: int) -> int:
-    return jobs if jobs > 0 else _cpu_count()
-
-
-def _valid_journaled(out: Path, journal: Journal, split: str) -> tuple[list[int], list[int]]:
-    """(kept shard indices, journaled shards to rebuild): a shard is kept iff its file hashes
-    to the journaled sha256 (a full re-read: cheap next to regenerating it)."""
+def _valid_journaled(dest: LocalOut | RemoteOut, journal: Journal, split: str) -> tuple[list[int], list[int]]:
+    """(kept shard indices, journaled shards to rebuild): a local shard is kept iff its file
+    hashes to the journaled sha256 (a full re-read: cheap next to regenerating it); an object
+    iff it has the journaled size (see :mod:`.output`)."""
     kept, redo = [], []
     indices = sorted(journal.shards[split])
     for index in console.track(indices, f"check {split} shards", unit="shard") if indices else []:
         rec = journal.shards[split][index]
-        path = out / rec["name"]
-        ok = False
-        if path.is_file() and path.stat().st_size == rec["bytes"]:
-            ok = sha256_file(path)[0] == rec["sha256"]
-        (kept if ok else redo).append(index)
+        (kept if dest.shard_ok(rec["name"], rec["bytes"], rec["sha256"]) else redo).append(index)
     return kept, redo
 
 
@@ -407,27 +355,52 @@ def _build_manifest(run: _Run) -> dict[str, Any]:
             {k: rec[k] for k in ("name", "samples", "bytes", "sha256")}
             for _, rec in sorted(run.journal.shards[split].items())
         ]
-        splits[split] = {"images": images, "samples": sum(s["samples"] for s in shards), "shards": shards}
+        sizes = [outcomes[t.index].get("min_hr") for t in tasks if outcomes[t.index]["samples"] > 0]
+        sizes = [hw for hw in sizes if hw]
+        min_hr = [min(h for h, _ in sizes), min(w for _, w in sizes)] if sizes else None
+        splits[split] = {
+            "images": images, "samples": sum(s["samples"] for s in shards), "min_hr": min_hr, "shards": shards,
+        }
     return {
         "format": mf.FORMAT,
         "format_version": mf.FORMAT_VERSION,
         "dataset": run.inputs.dataset,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "package_version": __version__,
-        "params": {**run.params.as_dict(), "shard_samples": run.cfg.shard_samples},
+        "params": _params_record(run.params, run.cfg, run.prefix),
         "inputs": _inputs_record(run.inputs, run.cfg),
         "splits": splits,
         "skipped": skipped,
     }
 
 
-def _remove_stale(out: Path, manifest: dict[str, Any]) -> int:
-    """Delete our own shard files that the new manifest does not list (older parameters)."""
+def _params_record(params: SampleParams, cfg: PreprocessConfig, prefix: str) -> dict[str, Any]:
+    """The manifest's ``params`` (also fingerprinted): everything that shapes the shards."""
+    return {**params.as_dict(), "shard_samples": cfg.shard_samples, "name": prefix}
+
+
+def shard_prefix(cfg: PreprocessConfig, inputs: Inputs) -> str:
+    """``--name`` or the dataset's folder name, sanitized for shard file names."""
+    given = cfg.name if cfg.name else inputs.dataset
+    prefix = mf.sanitize_prefix(given)
+    if not prefix:
+        what = f"--name {cfg.name!r}" if cfg.name else f"dataset name {inputs.dataset!r}"
+        raise UserError(f"{what}: no letters or digits to name the shards with; give --name (e.g. --name photos)")
+    return prefix
+
+
+def _remove_stale(dest: LocalOut | RemoteOut, manifest: dict[str, Any], ours: set[str]) -> int:
+    """Delete our own shard files that the new manifest does not list (older parameters).
+
+    "Our own" means a shard-shaped name with this run's prefix or one an earlier manifest or
+    journal here listed: another dataset's shards that happen to share the folder are kept."""
     listed = {s["name"] for split in mf.SPLITS for s in manifest["splits"][split]["shards"]}
+    prefix = manifest["params"]["name"]
     removed = 0
-    for p in out.iterdir():
-        if mf.SHARD_RE.match(p.name) and p.name not in listed:
-            p.unlink()
+    for name in dest.names():
+        m = mf.SHARD_RE.match(name)
+        if m and name not in listed and (m.group(1) == prefix or name in ours):
+            dest.delete(name)
             removed += 1
     return removed
 
@@ -448,17 +421,19 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
-    """How this run's settings differ from those of the finished dataset in `out` ([] when
+def settings_changes(dest: LocalOut | RemoteOut, params: dict[str, Any], inputs: dict[str, Any]) -> list[str]:
+    """How this run's settings differ from those of the finished dataset in `dest` ([] when
     there is none, or it was made with the same settings)."""
     try:
-        old = mf.read_manifest(out)
+        old = dest.read_manifest()
     except UserError:  # nothing finished here (or an unreadable manifest, replaced anyway)
         return []
     new = json.loads(json.dumps({"params": params, "inputs": inputs}))  # lists, as stored
     changes = []
     for section in ("params", "inputs"):
         before = old.get(section) if isinstance(old.get(section), dict) else {}
+        if section == "params":  # what older manifests meant by leaving a field out
+            before = {"encoding": "png", "name": mf.LEGACY_PREFIX, **before}
         after = new[section]
         for key in sorted(set(before) | set(after)):
             if before.get(key) != after.get(key):
@@ -466,13 +441,13 @@ def settings_changes(out: Path, params: dict[str, Any], inputs: dict[str, Any]) 
     return changes
 
 
-def _complete_shards(out: Path, journal: Journal) -> int:
-    """Journaled shards still on disk at their recorded size: what a rerun will keep."""
+def _complete_shards(dest: LocalOut | RemoteOut, journal: Journal) -> int:
+    """Journaled shards still there at their recorded size: what a rerun will keep."""
     count = 0
     for split in mf.SPLITS:
         for rec in journal.shards[split].values():
-            with contextlib.suppress(OSError):
-                count += (out / rec["name"]).stat().st_size == rec["bytes"]
+            with contextlib.suppress(OSError, UserError):
+                count += dest.size(rec["name"]) == rec["bytes"]
     return count
 
 
@@ -484,6 +459,7 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
     leave neither the old dataset nor the new one. Ctrl-C (or SIGTERM) says how many complete
     shards are kept, then propagates as KeyboardInterrupt.
     """
+    refuse_unguarded_reentry()
     if not cfg.out:
         raise UserError("--out is required: the folder that receives the shards and manifest.json")
     inputs = discover(cfg)
@@ -491,47 +467,62 @@ def run_preprocess(cfg: PreprocessConfig, force: bool = False) -> dict[str, Any]
         first = inputs.ignored[0]
         more = f" and {len(inputs.ignored) - 1} more" if len(inputs.ignored) > 1 else ""
         console.warn(f"ignored non-image file {first}{more}")
-    out = Path(cfg.out)
+    prefix = shard_prefix(cfg, inputs)
+    dest: LocalOut | RemoteOut
+    if is_remote(cfg.out):
+        dest = RemoteOut(cfg.out)
+        dest.check()  # one line for a bad URL, missing bucket, no credentials, unreachable
+    else:
+        dest = LocalOut(Path(cfg.out))
+    out = dest.staging_dir()
     _check_writable(out)
-    params = SampleParams(tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level)
-    fp = fingerprint(inputs, {**params.as_dict(), "shard_samples": cfg.shard_samples}, __version__)
+    params = SampleParams(
+        tuple(cfg.scales), cfg.crop, cfg.step, cfg.png_compress_level, encoding=cfg.encoding, min_size=cfg.min_size
+    )
+    fp = fingerprint(inputs, _params_record(params, cfg, prefix), __version__)
     journal = Journal(out, fp)
     try:
-        return _run_locked(cfg, force, out, inputs, params, journal)
+        return _run_locked(cfg, force, dest, inputs, params, journal, prefix)
     except KeyboardInterrupt:
         console.info(
-            f"interrupted: {_complete_shards(out, journal)} complete shard(s) kept in {out}; "
+            f"interrupted: {_complete_shards(dest, journal)} complete shard(s) kept in {dest.shown}; "
             "rerun the same command to resume"
         )
         raise
 
 
 def _run_locked(
-    cfg: PreprocessConfig, force: bool, out: Path, inputs: Inputs, params: SampleParams, journal: Journal
+    cfg: PreprocessConfig, force: bool, dest: LocalOut | RemoteOut, inputs: Inputs, params: SampleParams,
+    journal: Journal, prefix: str,
 ) -> dict[str, Any]:
     jobs = resolve_jobs(cfg.jobs)
     t0 = time.monotonic()
+    out, shown = dest.staging_dir(), dest.shown
     with _locked(out), _sigterm_as_interrupt():
+        if dest.remote and not journal.path.exists():  # resuming on another machine
+            remote_journal = dest.get_bytes(JOURNAL)  # type: ignore[union-attr]
+            if remote_journal is not None:
+                journal.path.write_bytes(remote_journal)
         resumed = journal.load()
         if not resumed:
-            changes = settings_changes(
-                out, {**params.as_dict(), "shard_samples": cfg.shard_samples}, _inputs_record(inputs, cfg)
-            )
+            changes = settings_changes(dest, _params_record(params, cfg, prefix), _inputs_record(inputs, cfg))
             if changes and not force:
                 raise UserError(
-                    f"{out}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
+                    f"{shown}: holds a finished dataset made with other settings ({'; '.join(changes)}); "
                     "rerun with --force to replace it, or choose another --out"
                 )
             if journal.path.exists():
-                console.info(f"{out}: starting over (the earlier run there used other settings or input files)")
-        for p in out.iterdir():  # temp files of a killed run
-            if p.name.startswith(".div2k-") and p.name.endswith(".tar.tmp"):
-                p.unlink()
+                console.info(f"{shown}: starting over (the earlier run there used other settings or input files)")
+        _drop_temp_shards(dest, out)
         old_manifest = None
-        if resumed:
-            with contextlib.suppress(UserError):
-                old_manifest = mf.read_manifest(out)
-        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad)
+        with contextlib.suppress(UserError):
+            old_manifest = dest.read_manifest()
+        ours = {rec["name"] for split in mf.SPLITS for rec in journal.shards[split].values()}
+        if old_manifest is not None:
+            ours |= {s["name"] for split in mf.SPLITS for s in old_manifest["splits"][split]["shards"]}
+        if not resumed:
+            old_manifest = None
+        run = _Run(cfg, out, inputs, params, journal, jobs, cfg.skip_bad, prefix, dest)
         if not cfg.skip_bad:  # a previous --skip-bad run must not silently pass now
             for split in mf.SPLITS:
                 for rec in journal.images[split].values():
@@ -540,7 +531,7 @@ def _run_locked(
         plan: list[tuple[str, Pos, int, Pos | None, int | None]] = []
         kept_total = 0
         for split in mf.SPLITS:
-            kept, redo = _valid_journaled(out, journal, split) if resumed else ([], [])
+            kept, redo = _valid_journaled(dest, journal, split) if resumed else ([], [])
             kept_total += len(kept)
             for index in redo:
                 rec = journal.shards[split][index]
@@ -555,9 +546,13 @@ def _run_locked(
         journal.open(fresh=not resumed)
         try:
             if kept_total:
-                console.info(f"resuming: {kept_total} complete shard(s) kept in {out}")
+                console.info(f"resuming: {kept_total} complete shard(s) kept in {shown}")
             if plan:
-                with _pool(jobs) as ex, console.progress_bar("preprocess", total=n_images, unit="img") as bar:
+                address = cfg.address or os.environ.get("RAY_ADDRESS") or None
+                with executor(jobs, address) as (ex, slots), console.progress_bar(
+                    "preprocess", total=n_images, unit="img"
+                ) as bar:
+                    run.jobs = slots
                     for split, start, index, stop, expected in plan:
                         run.produce(ex, split, start, index, stop, bar, expected)
         finally:
@@ -571,21 +566,21 @@ def _run_locked(
         if manifest.get("splits", {}).get("train", {}).get("samples", 0) == 0:
             raise UserError(f"{next(iter(inputs.roots.values()))}: no usable training images (see the warnings above)")
         if manifest is not old_manifest:
-            try:
-                atomic_write_bytes(mf.manifest_path(out), (json.dumps(manifest, indent=1) + "\n").encode())
-            except OSError as exc:
-                raise write_error(mf.manifest_path(out), exc) from None
-            fsync_dir(out)
-        removed = _remove_stale(out, manifest)
+            dest.write_manifest((json.dumps(manifest, indent=1) + "\n").encode())
+        removed = _remove_stale(dest, manifest, ours)
     elapsed = time.monotonic() - t0
     if run.converted > 1:
         console.info(f"{run.converted} images were converted to 8-bit RGB")
     if removed:
         console.info(f"removed {removed} shard(s) left from an earlier run with other settings")
+    if cfg.min_size:
+        small = sum(1 for split in mf.SPLITS for rec in journal.images[split].values()
+                    if rec["skipped"] and "--min-size" in rec["skipped"])
+        console.info(f"{small} image(s) with a side below --min-size {cfg.min_size} px dropped (listed in the manifest)")
     tr, va = manifest["splits"]["train"], manifest["splits"]["valid"]
     rate = f", {run.fresh_images / elapsed:.2f} img/s" if run.fresh_images and elapsed > 0 else ""
     console.info(
-        f"{out}: train {tr['samples']} samples in {len(tr['shards'])} shards from {tr['images']} images; "
+        f"{shown}: train {tr['samples']} samples in {len(tr['shards'])} shards from {tr['images']} images; "
         f"valid {va['samples']} samples in {len(va['shards'])} shards; "
         f"{len(manifest['skipped'])} skipped; {elapsed:.1f}s{rate}"
     )
@@ -595,6 +590,7 @@ def _run_locked(
 def verify(out: str | Path) -> int:
     """`--verify`: re-hash every shard; raises UserError listing the first problem."""
     count, size, problems = mf.verify_shards(out)
+    out = mf.shown_location(out)
     for p in problems:
         console.info(f"bad shard: {p}")
     if problems:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,7 +59,9 @@ def _tasks(split: str, files: list[Path], root: Path) -> list[ImageTask]:
     sources = [str(p.relative_to(root)) for p in files]
     stems = key_stems(sources)
     return [
-        ImageTask(split=split, index=i, path=str(p.resolve()), source=src, stem=stem)
+        # absolute, but not through symlinks: errors name the file the user has (a dangling
+        # link is reported as itself, not as its missing target)
+        ImageTask(split=split, index=i, path=os.path.abspath(p), source=src, stem=stem)
         for i, (p, src, stem) in enumerate(zip(files, sources, stems, strict=True))
     ]
 
@@ -126,6 +129,10 @@ def fingerprint(inputs: Inputs, params: dict[str, object], version: str) -> str:
         for t in inputs.tasks[split]:
             try:
                 st = Path(t.path).stat()
+            except FileNotFoundError:
+                if not os.path.islink(t.path):
+                    raise UserError(f"{t.path}: cannot read (file vanished)") from None
+                st = Path(t.path).lstat()  # a dangling link: the worker reports it (or --skip-bad skips it)
             except OSError as exc:
                 raise UserError(f"{t.path}: cannot read ({exc.strerror})") from None
             files.append([split, t.source, t.stem, st.st_size, st.st_mtime_ns])

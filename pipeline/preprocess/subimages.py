@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.console import UserError
-from pipeline.imageio import encode_png_fast, read_image
+from pipeline.imageio import read_image
+from pipeline.preprocess.encoding import EXTENSION, encode
 from pipeline.preprocess.imresize import imresize
 
 MODCROP = 12  # lcm(2, 3, 4): HR cropped to this multiple so every scale aligns
@@ -32,17 +34,23 @@ class SampleParams:
     crop: int
     step: int
     png_compress_level: int
+    encoding: str = "raw"  # "raw" (.npy members) | "png"
+    min_size: int = 0  # images whose shorter side is below this are skipped (0: only < MIN_SIDE)
 
     def as_dict(self) -> dict[str, object]:
-        return {
+        d: dict[str, object] = {
             "scales": list(self.scales),
             "crop": self.crop,
             "step": self.step,
-            "png_compress_level": self.png_compress_level,
+            "encoding": self.encoding,
             "modcrop": MODCROP,
             "resize": "matlab-bicubic-antialias",
-            "png": "filter-up-zlib",
         }
+        if self.encoding == "png":  # PNG-only knobs stay out of a raw dataset's settings
+            d.update({"png_compress_level": self.png_compress_level, "png": "filter-up-zlib"})
+        if self.min_size:
+            d["min_size"] = self.min_size
+        return d
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class ImageResult:
     note: str | None = None  # e.g. "mode P converted to 8-bit RGB"
     error: str | None = None  # a bad file: one line naming it
     skipped: str | None = None  # a usable file we deliberately skip (too small)
+    min_hr: tuple[int, int] | None = None  # (smallest height, smallest width) of its samples
 
 
 def key_stems(sources: list[str]) -> list[str]:
@@ -149,10 +158,11 @@ def make_samples(
     out = []
     for top, left, bh, bw in sample_boxes(h, w, task.split, params.crop, params.step):
         key = f"{task.split}_{task.stem}_{top}_{left}"
-        members = [(f"{key}.hr.png", encode_png_fast(hr[top : top + bh, left : left + bw], params.png_compress_level))]
+        ext, enc, level = EXTENSION[params.encoding], params.encoding, params.png_compress_level
+        members = [(f"{key}.hr.{ext}", encode(hr[top : top + bh, left : left + bw], enc, level))]
         for s in params.scales:
             lr = lrs[s][top // s : (top + bh) // s, left // s : (left + bw) // s]
-            members.append((f"{key}.lr_x{s}.png", encode_png_fast(lr, params.png_compress_level)))
+            members.append((f"{key}.lr_x{s}.{ext}", encode(lr, enc, level)))
         members.append((f"{key}.json", sample_json(key, task, (top, left, bh, bw), (h, w), params.scales)))
         out.append((key, members))
     return out
@@ -165,6 +175,9 @@ def process_image(task: ImageTask, params: SampleParams) -> ImageResult:
     and `--skip-bad`; anything else (a bug, out of memory) propagates.
     """
     result = ImageResult(task.split, task.index, task.source)
+    if os.path.islink(task.path) and not os.path.exists(task.path):
+        result.error = f"{task.path}: broken symbolic link (its target {os.readlink(task.path)} does not exist)"
+        return result
     try:
         img, note = read_image(task.path)
     except UserError as exc:
@@ -175,5 +188,11 @@ def process_image(task: ImageTask, params: SampleParams) -> ImageResult:
     if h < MIN_SIDE or w < MIN_SIDE:
         result.skipped = f"{task.path}: {w}x{h} px is smaller than {MIN_SIDE} px; skipped"
         return result
-    result.samples = make_samples(np.ascontiguousarray(modcrop(img)), task, params)
+    if min(h, w) < params.min_size:
+        result.skipped = f"{task.path}: {w}x{h} px, shorter side below --min-size {params.min_size}; skipped"
+        return result
+    hr = np.ascontiguousarray(modcrop(img))
+    result.samples = make_samples(hr, task, params)
+    boxes = sample_boxes(hr.shape[0], hr.shape[1], task.split, params.crop, params.step)
+    result.min_hr = (min(b[2] for b in boxes), min(b[3] for b in boxes))
     return result

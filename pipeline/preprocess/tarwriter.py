@@ -4,7 +4,7 @@ Two runs over the same inputs must produce byte-identical shards (that is how a 
 checked against an uninterrupted one), so every tar header field that normally leaks the
 environment is fixed: mtime, uid/gid, user/group names, mode, and member order (the caller's).
 A shard is written under a hidden temporary name in the same directory, fsynced, and renamed:
-a crash, a full disk or Ctrl-C never leaves a partial file under a final ``div2k-*.tar`` name.
+a crash, a full disk or Ctrl-C never leaves a partial file under a final ``<name>-*.tar`` name.
 """
 
 from __future__ import annotations
