@@ -26,7 +26,7 @@ def test_bad_values_are_named(train_shards):  # noqa: F811
     line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--scale", "3"))
     assert "not x3" in line  # the fixture shards hold x2 only
     line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--patch-size", "96"))
-    assert "larger than the shards' sub-images (48 px)" in line
+    assert "--patch-size 96 does not fit the smallest training sub-image" in line and "48x48 px HR" in line
     line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--val-data", "/no/such/dir"))
     assert "/no/such/dir" in line
     line = _error(run_cli("train", "--shards", str(train_shards), "--preset", "tiny", "--checkpoint-every", "7"))
