@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,6 +66,12 @@ def cluster_args(cluster, tracking_uri: str) -> tuple[str, ...]:
     return ("--address", cluster.address, "--cpus-per-worker", "1", "--shared-storage", "--tracking-uri", tracking_uri)
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a shell inherits SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: the tests that press Ctrl-C would then press nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     """`sr-pipeline ...` in the background (own session, so it can be stopped as a group)."""
     from helpers import BIN
@@ -72,7 +79,7 @@ def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [str(BIN / "sr-pipeline"), *args], stdout=handle, stderr=subprocess.STDOUT,
-            env=dict(os.environ), start_new_session=True,
+            env=dict(os.environ), start_new_session=True, preexec_fn=_default_sigint,
         )
 
 
