@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -65,6 +66,12 @@ def cluster_args(cluster, tracking_uri: str) -> tuple[str, ...]:
     return ("--address", cluster.address, "--cpus-per-worker", "1", "--shared-storage", "--tracking-uri", tracking_uri)
 
 
+def _default_sigint() -> None:
+    # A suite started in the background by a shell inherits SIGINT ignored, and Python keeps an
+    # ignored SIGINT ignored: the tests that press Ctrl-C would then press nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     """`sr-pipeline ...` in the background (own session, so it can be stopped as a group)."""
     from helpers import BIN
@@ -72,7 +79,7 @@ def start_cli(args: list[str], log: Path) -> subprocess.Popen:
     with open(log, "w") as handle:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(
             [str(BIN / "sr-pipeline"), *args], stdout=handle, stderr=subprocess.STDOUT,
-            env=dict(os.environ), start_new_session=True,
+            env=dict(os.environ), start_new_session=True, preexec_fn=_default_sigint,
         )
 
 
@@ -102,41 +109,43 @@ def wait_for_checkpoint(run_dir: Path, proc: subprocess.Popen, timeout: float = 
 
 
 def session_workers(proc) -> list[int]:
-    """Pids of the Ray Train workers of the local Ray instance that `proc` started (its session)."""
+    """Pids of the Ray Train workers of the local Ray instance that `proc` started (its
+    session); their DataLoader processes (forked, same title) are left out."""
     import psutil
 
+    def is_worker(p) -> bool:
+        return os.getsid(p.pid) == proc.pid and "RayTrainWorker" in " ".join(p.cmdline())
+
     pids = []
-    for p in psutil.process_iter(["pid", "cmdline"]):
+    for p in psutil.process_iter():
         try:
-            if os.getsid(p.info["pid"]) == proc.pid and "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
-                pids.append(p.info["pid"])
-        except (ProcessLookupError, PermissionError, psutil.Error):
+            if is_worker(p) and not is_worker(p.parent()):
+                pids.append(p.pid)
+        except (ProcessLookupError, PermissionError, AttributeError, psutil.Error):
             continue
     return sorted(pids)
+
+
+def wait_for_line(log: Path, text: str, proc: subprocess.Popen, after: str | None = None, timeout: float = 240) -> None:
+    """Until `text` appears in a CLI log (after the first `after`, when given): workers' lines
+    reach the driver's output within a second, the cheapest sign of how far a job is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        content = log.read_text(errors="replace")
+        if after is not None:
+            content = content.partition(after)[2]
+        if text in content:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the job ended (rc {proc.returncode}) before {text!r} appeared in {log}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in {log} after {timeout:.0f}s")
 
 
 def losses(uri: str, run_id: str) -> dict[int, float]:
     from mlflow.tracking import MlflowClient
 
     return {m.step: m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(run_id, "train/loss")}
-
-
-def checkpoint_dirs(run_dir: Path) -> set[str]:
-    return {p.name for p in run_dir.glob("checkpoint_*") if p.is_dir()}
-
-
-def wait_for_new_checkpoint_dir(run_dir: Path, proc: subprocess.Popen, known: set[str] = frozenset(),
-                                timeout: float = 240) -> None:
-    """Until a checkpoint folder not in `known` exists in the run's storage (written, maybe not
-    registered yet: a cheap signal that training is under way, for stopping it mid-run)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if checkpoint_dirs(run_dir) - set(known):
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"the job ended (rc {proc.returncode}) before a new checkpoint folder")
-        time.sleep(0.05)
-    raise AssertionError(f"no new checkpoint folder in {run_dir} after {timeout:.0f}s")
 
 
 def train_workers(dashboard_url: str, state: str | None = "ALIVE") -> list:

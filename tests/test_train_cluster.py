@@ -30,7 +30,7 @@ from fixtures_train import (
     train_workers,
     valid_pairs,
     wait_for_checkpoint,
-    wait_for_new_checkpoint_dir,
+    wait_for_line,
 )
 from helpers import run_cli, stop_session
 
@@ -232,7 +232,7 @@ def test_sigterm_to_a_worker_checkpoints_and_the_same_run_name_continues(train_s
     uri = defaults.default_tracking_uri()
     proc = start_cli(args, tmp_path / "first.log")
     try:
-        wait_for_new_checkpoint_dir(store / "again", proc)
+        wait_for_line(tmp_path / "first.log", "step 2/64 epoch", proc)  # the first log point
         victims = session_workers(proc)
         assert len(victims) == 2, victims
         os.kill(victims[0], signal.SIGTERM)  # one worker only: the ranks agree to stop together

@@ -15,7 +15,6 @@ import signal
 
 import pytest
 from fixtures_train import (
-    checkpoint_dirs,
     losses,
     registered_checkpoints,
     runs_named,
@@ -23,7 +22,7 @@ from fixtures_train import (
     start_cli,
     tiny_args,
     train_shards,  # noqa: F401 - fixture
-    wait_for_new_checkpoint_dir,
+    wait_for_line,
 )
 from helpers import run_cli, stop_session
 
@@ -53,7 +52,7 @@ def test_ctrl_c_and_a_killed_worker_resume_bit_for_bit(train_shards, tmp_path): 
     args = tiny_args(train_shards, store, epochs=2, iters=32, extra=(*common, "--run-name", "cut"))
     first = start_cli(args, tmp_path / "first.log")
     try:
-        wait_for_new_checkpoint_dir(store / "cut", first)
+        wait_for_line(tmp_path / "first.log", "step 1/64 epoch", first)  # the first log point
         first.send_signal(signal.SIGINT)
         rc = first.wait(180)
     finally:
@@ -69,7 +68,8 @@ def test_ctrl_c_and_a_killed_worker_resume_bit_for_bit(train_shards, tmp_path): 
 
     second = start_cli(args, tmp_path / "second.log")
     try:
-        wait_for_new_checkpoint_dir(store / "cut", second, known=checkpoint_dirs(store / "cut"))
+        # the rerun's first log point, then a worker dies: Ray restarts from the last checkpoint
+        wait_for_line(tmp_path / "second.log", "/64 epoch ", second, after="resumed from checkpoint")
         victims = session_workers(second)
         assert len(victims) == 2, victims
         os.kill(victims[-1], signal.SIGKILL)

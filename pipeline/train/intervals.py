@@ -8,6 +8,7 @@ checkpoint step), so the collectives inside them line up across ranks. The step 
 from __future__ import annotations
 
 import math
+import os
 import tempfile
 import time
 from typing import Any
@@ -188,7 +189,10 @@ def save_and_report(w: Worker, parts, scheduler, progress, interval: Interval, f
 
     Periodic checkpoints are uploaded in the background (Ray Train's ASYNC mode: the step loop
     goes on while the files travel to the storage path; the local copy is deleted after the
-    upload); the last one (end of training, stop) waits for its upload."""
+    upload); the last one (end of training, stop) waits for its upload. Backpressure: Ray's
+    uploads run one at a time and each waits for the controller to collect the previous
+    report, so when the previous local copy still exists (its upload is not done), this one
+    is uploaded in the foreground rather than queueing copies on the local disk."""
     import ray.train
 
     from pipeline.train import checkpoint as ckpt_io
@@ -198,15 +202,18 @@ def save_and_report(w: Worker, parts, scheduler, progress, interval: Interval, f
     report: dict[str, Any] = {"epoch": progress.epoch, "step": progress.step, "skipped_steps": progress.skipped_steps}
     if math.isfinite(progress.best_psnr):
         report["best/psnr"] = progress.best_psnr
-    checkpoint = None
+    checkpoint, directory = None, None
     if w.rank == 0:
         directory = tempfile.mkdtemp(prefix="sr-ckpt-")
         ckpt_io.save(directory, parts.model, parts.optimizer, scheduler, progress, ema=parts.ema,
                      scaler=parts.scaler, rng=states, run_id=w.job.mlflow_run_id, config=to_plain(w.cfg))
         checkpoint = ray.train.Checkpoint.from_directory(directory)
-    mode = ray.train.CheckpointUploadMode.SYNC if final else ray.train.CheckpointUploadMode.ASYNC
+    pending = w.rank == 0 and interval.upload_dir is not None and os.path.exists(interval.upload_dir)
+    background = not final and all_reduce_sum([float(pending)], w.device)[0] == 0  # every rank agrees
+    mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
     ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
                      delete_local_checkpoint_after_upload=True)
+    interval.upload_dir = directory if w.rank == 0 and background else None
     interval.last_checkpoint, interval.checkpoint_now = progress.step, False
     interval.start += time.perf_counter() - t0  # the interval's step time leaves checkpoints out
 

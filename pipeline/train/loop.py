@@ -177,6 +177,7 @@ class Interval:
     windows_timed: int = 0  # log intervals measured (the first one, warm-up, is not used)
     last_checkpoint: int = -1  # step of the last checkpoint written
     checkpoint_now: bool = False  # Ray announced a preemption: checkpoint at this step
+    upload_dir: str | None = None  # rank 0: local copy of the checkpoint uploading in the background
     last_print: float = 0.0
 
 
