@@ -23,28 +23,14 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from pipeline.train.job import JobSpec
+
 STOP_POLL_S = 2.0  # rank 0 looks for the driver's stop request at most this often
-
-
-@dataclass
-class JobSpec:
-    """What the driver resolved for the workers (absolute paths, counts, ids)."""
-
-    train_shards: list[str]
-    train_counts: list[int]
-    val_shards: list[str] = field(default_factory=list)
-    val_folder: str | None = None
-    val_count: int = 0
-    run_dir: str = ""  # <storage>/<run name>, where best_model/ goes
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    lr: float = 1e-4  # effective learning rate (after optional batch scaling)
 
 
 def say(message: str) -> None:
