@@ -16,6 +16,22 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
+    app.command("sync")(sync_cmd)
+
+
+def sync_cmd(
+    run_name: Annotated[Optional[str], typer.Option(help="Run to sync (default: the latest under the storage path).")] = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Where the run's checkpoints are (as given to train).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: the one the run was trained with).")] = None,
+) -> None:
+    """Bring a run's MLflow record up to date after the tracking server was away.
+
+    Training keeps its metric points, tags and params in a journal beside the checkpoints (<storage>/<run>/tracking/); this replays what MLflow lacks and finishes what the end of `train` could not (best model upload, registration, run status). Safe to repeat.
+    """
+    from pipeline import console
+    from pipeline.train.sync import sync_run
+
+    console.info(sync_run(run_name, storage_path, tracking_uri))
 
 
 def train_cmd(

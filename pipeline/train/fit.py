@@ -26,7 +26,8 @@ class Interrupted(KeyboardInterrupt):
 def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gpu: bool, backend: str):
     """Build the TorchTrainer and run it (a rerun with the same name resumes).
 
-    Ctrl-C: the first one writes a stop request into the run's storage; the workers see it
+    Ctrl-C (and SIGTERM, see :func:`sigterm_as_interrupt`): the first one writes a stop
+    request into the run's storage; the workers see it
     within seconds, leave after the same step on every rank and return (the last checkpoint
     stays the one to resume from), and :class:`Interrupted` is raised once fit() is back. A
     second one stops waiting at once.
@@ -73,16 +74,18 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
 
     threading.Thread(target=run, name="sr-pipeline-fit", daemon=True).start()
     asked = False
-    # Wait in time.sleep, not Thread.join: a Ctrl-C that interrupts join() can leave the thread
-    # marked as stopped while it still runs (CPython's bpo-45274 handling), losing the result.
-    while not done.is_set():
-        try:
-            time.sleep(0.2)
-        except KeyboardInterrupt:
-            if asked:
-                raise Interrupted() from None
-            asked = True
-            request_stop(job.run_dir)
+    with sigterm_as_interrupt() as received:
+        # Wait in time.sleep, not Thread.join: a Ctrl-C that interrupts join() can leave the thread
+        # marked as stopped while it still runs (CPython's bpo-45274 handling), losing the result.
+        while not done.is_set():
+            try:
+                time.sleep(0.2)
+            except KeyboardInterrupt:
+                if asked:
+                    raise Interrupted() from None
+                asked = True
+                request_stop(job.run_dir, "SIGTERM" if received else "Ctrl-C")
+                received.clear()
     if "error" in ended:
         raise ended["error"]
     result = ended["result"]
@@ -91,15 +94,43 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
     return result
 
 
-def request_stop(run_dir: str) -> None:
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[list[int]]:
+    """While fit() waits, SIGTERM (a scheduler's or a spot node's stop) acts like Ctrl-C.
+
+    The handler raises KeyboardInterrupt in the main thread, so the first SIGTERM asks the
+    workers to stop after their current step (the last checkpoint is kept) and a second one
+    stops waiting. Yields a list that holds the signal number while one is being handled.
+    Outside the main thread (a library caller) nothing is installed.
+    """
+    import signal
+    import threading
+
+    received: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+
+    def on_term(signum: int, frame: Any) -> None:
+        received.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def request_stop(run_dir: str, why: str = "Ctrl-C") -> None:
     """Ask the workers to stop (see :func:`fit`); if the request cannot be written, stop now."""
     try:
         storage.write_json(storage.join(run_dir, storage.STOP_REQUEST_FILE), {"requested": time.time()})
     except Exception as exc:
         console.warn(f"cannot write the stop request ({' '.join(str(exc).split())[:200]}): stopping at once")
         raise Interrupted() from None
-    console.info("stopping (Ctrl-C): the workers stop after their current step and keep the last checkpoint; "
-                 "Ctrl-C again to stop at once")
+    console.info(f"stopping ({why}): the workers stop after their current step and keep the last checkpoint; "
+                 f"{why} again to stop at once")
 
 
 @contextmanager

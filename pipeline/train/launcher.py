@@ -31,12 +31,13 @@ from pipeline import console, defaults
 from pipeline.config import TrainConfig, flatten, to_dict
 from pipeline.console import UserError
 from pipeline.train import storage
-from pipeline.train.cluster import check_resources, cluster_info, connect
+from pipeline.train.cluster import check_gpu_request, check_resources, cluster_info, connect
 from pipeline.train.credentials import credentials_in_env, uri_credentials
 from pipeline.train.fit import fit, training_progress
 from pipeline.train.job import JobSpec, resolve_data
 from pipeline.train.preflight import check_reachability
 from pipeline.train.runs import check_same_model, choose_run
+from pipeline.train.sender import DRAIN_ENV, RUN_DIR_ENV
 
 
 @dataclass
@@ -95,7 +96,9 @@ def train(cfg: TrainConfig, dashboard: bool = True) -> Outcome:
     # -- 2. Ray
     import ray
 
-    started, dashboard_url = connect(cfg.address, dashboard, credentials)
+    check_gpu_request(cfg)  # what cannot work on any cluster, before Ray starts
+    job_env = {RUN_DIR_ENV: run_dir, DRAIN_ENV: f"{cfg.tracking_drain_s:g}"}
+    started, dashboard_url = connect(cfg.address, dashboard, credentials, job_env)
     try:
         with credentials_in_env(given_uri):
             return _train_on_cluster(cfg, job, run_name, record, dashboard_url)
@@ -112,17 +115,19 @@ def _train_on_cluster(
 
     from pipeline.device import dist_backend
     from pipeline.tracking import run_url, ui_command
-    from pipeline.train import tracking
+    from pipeline.train import checkpoint, finish, tracking
 
     storage_path, tracking_uri, run_dir = cfg.storage_path or "", cfg.tracking_uri or "", job.run_dir
     status = "FAILED"
     run_id = None
+    finished = False  # the end of the run went to MLflow (or was written down for `sync`)
     try:
         info, nodes = cluster_info()
         use_gpu = {"yes": True, "no": False}.get(cfg.use_gpu, info.gpus > 0)
         if use_gpu and info.gpus == 0:
             raise UserError("use_gpu=yes, but the Ray cluster has no GPUs")
         # -- 3. preflight
+        check_gpu_request(cfg, use_gpu, info.gpus)
         check_resources(cfg, use_gpu, nodes)
         backend = dist_backend("cuda" if use_gpu else "cpu")
         check_reachability(cfg, job, storage_path, tracking_uri, nodes)
@@ -180,14 +185,18 @@ def _train_on_cluster(
                           metrics=dict(result.metrics or {}),
                           checkpoint=result.checkpoint.path if result.checkpoint else None)
 
-        # -- 6. best model -> MLflow artifacts + registry
-        meta = read_best(tracking_uri, run_id, run_dir)
+        # -- 6. best model -> MLflow artifacts + registry, the run's status (bounded in time)
+        meta = checkpoint.read_best_meta(run_dir)
+        end = finish.EndOfRun(outcome.status, best_model=meta is not None)
         if meta is not None:
             outcome.best_psnr = meta.get("val_psnr")
             if cfg.register_model and outcome.status == "FINISHED" and outcome.best_psnr is not None:
-                outcome.model_version = tracking.register_best(
-                    tracking_uri, run_id, cfg.model.scale, float(outcome.best_psnr), int(meta.get("step", -1))
-                )
+                end.register = {"scale": cfg.model.scale, "psnr": float(outcome.best_psnr),
+                                "step": int(meta.get("step", -1))}
+        finished = True
+        done = finish.finish(tracking_uri, run_id, run_dir, run_name, storage_path, end, cfg.tracking_drain_s)
+        version = done.get("model registration")
+        outcome.model_version = str(version) if version else None
         status = outcome.status
         if stopped:
             where = f"last checkpoint {outcome.checkpoint}" if outcome.checkpoint else "no checkpoint yet"
@@ -203,22 +212,6 @@ def _train_on_cluster(
             f"continue with --run-name {run_name}"
         ) from None
     finally:
-        if run_id is not None:
-            tracking.finish_run(tracking_uri, run_id, status)
-
-
-
-def read_best(tracking_uri: str, run_id: str, run_dir: str) -> dict[str, Any] | None:
-    """Upload ``<run dir>/best_model`` to the MLflow run; returns its meta (or None)."""
-    from pipeline.train import checkpoint, tracking
-
-    meta = checkpoint.read_best_meta(run_dir)
-    if meta is None:
-        return None
-    tmp = storage.download_dir(storage.join(run_dir, storage.BEST_DIR))
-    try:
-        tracking.log_best_model(tracking_uri, run_id, tmp.name)
-    finally:
-        tmp.cleanup()
-    return meta
-
+        if run_id is not None and not finished:
+            finish.finish(tracking_uri, run_id, run_dir, run_name, storage_path, finish.EndOfRun(status),
+                          cfg.tracking_drain_s)
