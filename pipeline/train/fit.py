@@ -17,6 +17,7 @@ from pipeline import console
 from pipeline.config import TrainConfig, to_dict
 from pipeline.train import storage
 from pipeline.train.job import JobSpec
+from pipeline.train.sender import bounded
 
 
 class Interrupted(KeyboardInterrupt):
@@ -167,5 +168,8 @@ def training_progress(tracking_uri: str, run_id: str, epochs: int, iters: int) -
             yield
         finally:
             stop.set()
-            thread.join(timeout=10)
-            update()
+            # A hung tracking server must not hold up the end: the poller is a daemon, and the
+            # last update gets a few seconds (the bar then stays where it was).
+            thread.join(timeout=1)
+            if not thread.is_alive():
+                bounded(update, 5.0)

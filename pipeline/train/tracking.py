@@ -343,13 +343,13 @@ class MetricLogger:
             except Exception as exc:
                 console.warn(f"tracking journal upload failed: {exc}")
             self.journal = None
-        if not unsent.empty and self.run_dir:
-            self._write_unsent(unsent)
-        if not unsent.empty:
+        # Written down for the driver's one-line summary and for `sync`; said here only when
+        # it cannot be written down.
+        if not unsent.empty and not (self.run_dir and self._write_unsent(unsent)):
             sender.say(f"warning: not sent to MLflow (rank {self.rank}): {unsent.describe()}")
         return unsent
 
-    def _write_unsent(self, unsent: sender.Unsent) -> None:
+    def _write_unsent(self, unsent: sender.Unsent) -> bool:
         from pipeline.train import storage
 
         try:
@@ -358,8 +358,10 @@ class MetricLogger:
                 "images": unsent.images, "params": unsent.params, "tags": unsent.tags,
                 "run_id": self.run_id,
             })
+            return True
         except Exception as exc:
             console.warn(f"cannot write the unsent-tracking record: {exc}")
+            return False
 
 
 def _rank() -> int:
