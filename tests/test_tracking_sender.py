@@ -8,6 +8,8 @@ is in test_train_tracking_outage.py.
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -152,3 +154,17 @@ def test_gpu_requests_that_cannot_work_with_nccl_are_refused(per, workers, gpus,
         with pytest.raises(UserError, match="--gpus-per-worker 0.5: each NCCL rank|needs 4 GPUs but the cluster has 2"):
             check_gpu_request(cfg, True, gpus)
     check_gpu_request(cfg, False, 0)  # CPU training: gpus_per_worker does not apply
+
+
+def test_sigterm_while_fit_waits_acts_like_ctrl_c():
+    """The driver's SIGTERM (a scheduler, a spot node going away) takes the Ctrl-C path."""
+    import signal
+
+    from pipeline.train.fit import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), sigterm_as_interrupt() as received:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler interrupts this at once
+    assert received == [signal.SIGTERM]
+    assert signal.getsignal(signal.SIGTERM) is before  # restored after fit()
