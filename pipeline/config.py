@@ -178,9 +178,10 @@ class TrainConfig:
             raise ConfigError(
                 f"patch_size ({self.patch_size}) must be divisible by the scale ({self.model.scale})"
             )
-        if self.batch_size < self.workers:
+        if self.batch_size < max(self.workers, self.workers_max):
             raise ConfigError(
-                f"batch_size is the global batch ({self.batch_size}); it must be >= workers ({self.workers})"
+                f"batch_size is the global batch ({self.batch_size}); it must be >= workers "
+                f"({max(self.workers, self.workers_max)})"
             )
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")

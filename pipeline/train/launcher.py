@@ -31,7 +31,13 @@ from pipeline import console, defaults
 from pipeline.config import TrainConfig, flatten, to_dict
 from pipeline.console import UserError
 from pipeline.train import storage
-from pipeline.train.cluster import check_gpu_request, check_resources, cluster_info, connect
+from pipeline.train.cluster import (
+    check_gpu_request,
+    check_resources,
+    cluster_info,
+    connect,
+    is_elastic,
+)
 from pipeline.train.credentials import credentials_in_env, uri_credentials
 from pipeline.train.fit import fit, training_progress
 from pipeline.train.job import JobSpec, resolve_data
@@ -131,6 +137,9 @@ def _train_on_cluster(
         check_resources(cfg, use_gpu, nodes)
         backend = dist_backend("cuda" if use_gpu else "cpu")
         check_reachability(cfg, job, storage_path, tracking_uri, nodes)
+        if is_elastic(cfg) and cfg.max_failures == 0:
+            console.warn(f"--workers {cfg.workers}-{cfg.workers_max} with --max-failures 0: the job resizes only when "
+                         "it grows; losing a node ends it (give --max-failures N or -1 to continue on what is left)")
         n_streams = cfg.workers * max(1, cfg.loader_workers)
         if sum(job.train_counts) < n_streams:
             console.warn(f"only {sum(job.train_counts)} training samples for {n_streams} loader streams: streams share samples")
@@ -139,6 +148,8 @@ def _train_on_cluster(
                 f"{len(job.train_shards)} shards for {n_streams} loader streams (workers x loader workers): every "
                 "stream reads all shards; more, smaller shards (preprocess --shard-samples) read less"
             )
+
+        workers_text = f"{cfg.workers}-{cfg.workers_max}" if is_elastic(cfg) else str(cfg.workers)
 
         # -- 4. MLflow run (the same one on resume)
         previous_id = record.get("mlflow_run_id") if record and record.get("tracking_uri") == tracking_uri else None
@@ -149,7 +160,7 @@ def _train_on_cluster(
         params.update({
             "git.commit": tracking.git_commit() or "none",
             "cluster.nodes": info.nodes, "cluster.cpus": info.cpus, "cluster.gpus": info.gpus,
-            "cluster.gpu_type": info.gpu_type, "derived.world_size": cfg.workers,
+            "cluster.gpu_type": info.gpu_type, "derived.world_size": workers_text,
             "derived.per_worker_batch": cfg.per_worker_batch, "derived.lr_effective": cfg.effective_lr,
             "derived.use_gpu": use_gpu, "derived.backend": backend,
             "data.train_shards": len(job.train_shards), "data.train_samples": sum(job.train_counts),
@@ -164,7 +175,7 @@ def _train_on_cluster(
 
         url = run_url(tracking_uri, exp_id, run_id)
         console.info(
-            f"{'continuing' if record else 'starting'} run {run_name}: {cfg.workers} worker(s) on "
+            f"{'continuing' if record else 'starting'} run {run_name}: {workers_text} worker(s) on "
             f"{info.nodes} node(s), {'GPU' if use_gpu else 'CPU'}/{backend}, global batch {cfg.batch_size} "
             f"(<= {cfg.per_worker_batch} per worker), lr {cfg.effective_lr:g}"
         )

@@ -233,6 +233,7 @@ class MetricLogger:
         self.journal: sender.Journal | None = None
         self.seen: set[tuple[str, int]] = set()
         self._system = None
+        self._world_logged = False
         self._sender: sender.Sender | None = None
         if not (uri and run_id):
             return
@@ -271,6 +272,11 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
+        if not self._world_logged and os.environ.get("WORLD_SIZE", "").isdigit():
+            # The worker count over time (elastic jobs resize, restarts may too): one point at
+            # the first step each worker group logs.
+            metrics = {**metrics, "train/workers": float(os.environ["WORLD_SIZE"])}
+            self._world_logged = True
         batch = [
             Metric(k, float(v), now, step)
             for k, v in metrics.items()
