@@ -3,7 +3,8 @@
 Modules: ``data`` (shard streams, patches), ``loop`` (the per-worker loop); the driver's
 ``launcher`` (the order of things) over ``job`` (what the workers get), ``cluster`` (connect,
 resources), ``preflight`` (per-node checks), ``credentials``, ``runs`` (which run) and ``fit``
-(the TorchTrainer, Ctrl-C); ``checkpoint``, ``tracking`` (MLflow), ``storage``,
-``validation``, ``commands`` (the CLI). Nothing heavy is imported here: the CLI imports
-this package at start-up.
+(the TorchTrainer, Ctrl-C/SIGTERM); ``checkpoint``, ``storage``, ``validation``; MLflow:
+``tracking`` (the run, the workers' logger), ``sender`` (the non-blocking queue and the
+journal), ``finish`` (the bounded end of a run), ``sync`` (replay); ``commands`` (the CLI). Nothing heavy is imported here: the CLI
+imports this package at start-up.
 """
