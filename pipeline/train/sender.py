@@ -277,9 +277,12 @@ class Sender:
                             f"warning: MLflow tracking server not answering ({' '.join(str(exc).split())[:160]}); "
                             f"training goes on, entries wait here (up to {self.max_entries}) and in the run's journal"
                         )
+                    # Back off (new entries do not shorten the wait; closing does).
+                    until = time.monotonic() + delay
                     with self._cond:
                         self._busy = False
-                        self._cond.wait(timeout=delay)
+                        while not self._closing and time.monotonic() < until:
+                            self._cond.wait(timeout=until - time.monotonic())
                     delay = min(delay * 2, MAX_BACKOFF_S)
                     continue
             delay = 1.0
