@@ -3,21 +3,21 @@
 One `sr-pipeline train` job (local Ray, 2 DDP workers on CPU, tiny preset, one long epoch so no
 validation interrupts the phases) logs to a real `mlflow server` through a small TCP proxy
 run here. After a warm-up the benchmark switches the server's state every `--phase-steps`
-steps, watching rank 0's journal:
+steps, watching rank 0's journal, in `--rounds` cycles of:
 
-1. healthy   - the baseline of this same run;
+1. healthy   - the baseline of this same run (from round 2 on, the previous recovery);
 2. closed    - the proxy stops listening and drops its connections (connection refused);
 3. frozen    - the proxy forwards, the server is SIGSTOPped (accepts, never answers);
 4. recovered - SIGCONT, the proxy listens again.
 
 Per phase: the median of the job's own ``train/samples_per_s`` (each point a window of
 ``log_every`` steps; the first window after a switch is left out) and the wall-clock rate from
-the journal's timestamps; each as a ratio to the healthy phase. Target: every phase within 2 %
+the journal's timestamps; each as a ratio to the healthy phase of the same round. Target: every phase within 2 %
 of healthy. At the end: whether MLflow holds every step the journal holds, once.
 
 Must run in a loopback-only namespace here (it starts Ray):
 
-    unshare -n sh -c 'ip link set lo up; python benchmarks/tracking_outage.py [--phase-steps 40]'
+    unshare -n sh -c 'ip link set lo up; python benchmarks/tracking_outage.py [--phase-steps 400 --rounds 2]'
 """
 
 from __future__ import annotations
@@ -166,9 +166,10 @@ def last_step(path: Path) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--phase-steps", type=int, default=40)
+    ap.add_argument("--phase-steps", type=int, default=400)
     ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--log-every", type=int, default=5)
+    ap.add_argument("--log-every", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=2, help="cycles of the four phases (drift on a shared machine shows as round-to-round spread)")
     ap.add_argument("--images", default="/work/shared/data/train/T91")
     args = ap.parse_args()
 
@@ -177,7 +178,8 @@ def main() -> None:
     proxy = Proxy(port)
     uri = f"http://127.0.0.1:{proxy.port}"
     shards = make_shards(root, Path(args.images))
-    steps = args.warmup + len(PHASES) * args.phase_steps
+    schedule = [(r, phase) for r in range(args.rounds) for phase in PHASES]
+    steps = args.warmup + len(schedule) * args.phase_steps
     store = root / "store"
     cmd = [str(BIN / "sr-pipeline"), "train", "--shards", str(shards), "--preset", "tiny", "--workers", "2",
            "--cpus-per-worker", "1", "--epochs", "1", "--iters-per-epoch", str(steps), "--patch-size", "24",
@@ -185,19 +187,21 @@ def main() -> None:
            "--experiment", "bench-outage", "--tracking-uri", uri, "--val-max-images", "1", "--no-register",
            "--set", f"log_every={args.log_every}", "--set", "tracking_drain_s=20"]
     journal = store / "outage" / "tracking" / "journal.jsonl"
-    bounds: dict[str, tuple[int, int]] = {}
+    bounds: dict[tuple[int, str], tuple[int, int]] = {}
     frozen = False
     t0 = time.monotonic()
     log = open(root / "train.log", "w")  # noqa: SIM115
     job = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        for i, phase in enumerate(PHASES):
+        for i, (rnd, phase) in enumerate(schedule):
             start = args.warmup + i * args.phase_steps
             while last_step(journal) < start:
                 if job.poll() is not None:
                     raise SystemExit(f"the job ended early (rc {job.returncode}): {(root / 'train.log').read_text()[-3000:]}")
                 time.sleep(0.05)
-            if phase == "closed":
+            if phase == "healthy" and rnd > 0:
+                pass  # the previous round's "recovered" state goes on
+            elif phase == "closed":
                 proxy.close()
             elif phase == "frozen":
                 proxy.open()
@@ -206,8 +210,8 @@ def main() -> None:
             elif phase == "recovered":
                 os.killpg(server.pid, signal.SIGCONT)
                 frozen = False
-            bounds[phase] = (last_step(journal), start + args.phase_steps)
-            print(f"{time.monotonic() - t0:6.1f}s step {bounds[phase][0]}: {phase}", flush=True)
+            bounds[(rnd, phase)] = (last_step(journal), start + args.phase_steps)
+            print(f"{time.monotonic() - t0:6.1f}s step {bounds[(rnd, phase)][0]}: round {rnd + 1} {phase}", flush=True)
         rc = job.wait(timeout=1800)
     finally:
         if frozen:
@@ -219,12 +223,13 @@ def main() -> None:
     records = journal_records(journal)
     rate = {r["step"]: r["value"] for r in records if r.get("key") == "train/samples_per_s"}
     stamp = {r["step"]: r["ts"] for r in records if r.get("key") == "train/loss"}
-    rows = {}
-    for phase, (first, end) in bounds.items():
+    rows: dict[tuple[int, str], tuple[list[float], float]] = {}
+    for key, (first, end) in bounds.items():
         # leave out the window the switch happened in
         window = [s for s in sorted(rate) if first + args.log_every < s <= end]
-        wall = (4 * (window[-1] - window[0]) / ((stamp[window[-1]] - stamp[window[0]]) / 1000.0)) if len(window) > 1 else float("nan")
-        rows[phase] = (statistics.median(rate[s] for s in window), wall, len(window))
+        seconds = (stamp[window[-1]] - stamp[window[0]]) / 1000.0 if len(window) > 1 else 0.0
+        wall = 4 * (window[-1] - window[0]) / seconds if seconds > 0 else float("nan")
+        rows[key] = ([rate[s] for s in window], wall)
 
     from mlflow.tracking import MlflowClient
 
@@ -244,13 +249,21 @@ def main() -> None:
     print(f"job: 2 workers x 1 CPU, tiny preset, global batch 4, patch 24, {steps} steps, log_every {args.log_every}; "
           f"exit code {rc}, {elapsed:.0f} s in all")
     print()
-    print("| server | steps | samples/s (median of windows) | vs healthy | wall samples/s | vs healthy |")
-    print("|---|---|---|---|---|---|")
-    base, base_wall = rows["healthy"][0], rows["healthy"][1]
-    for phase in PHASES:
-        med, wall, n = rows[phase]
-        first, end = bounds[phase]
-        print(f"| {phase} | {first}-{end} ({n} windows) | {med:.2f} | {100 * med / base:.1f} % | {wall:.2f} | {100 * wall / base_wall:.1f} % |")
+    print("| round | server | steps | samples/s (median of windows) | vs healthy (same round) | wall samples/s | vs healthy |")
+    print("|---|---|---|---|---|---|---|")
+    for rnd in range(args.rounds):
+        base = statistics.median(rows[(rnd, "healthy")][0])
+        base_wall = rows[(rnd, "healthy")][1]
+        for phase in PHASES:
+            values, wall = rows[(rnd, phase)]
+            med = statistics.median(values)
+            first, end = bounds[(rnd, phase)]
+            print(f"| {rnd + 1} | {phase} | {first}-{end} ({len(values)} windows) | {med:.2f} | "
+                  f"{100 * med / base:.1f} % | {wall:.2f} | {100 * wall / base_wall:.1f} % |")
+    pooled = {phase: statistics.median(v for r in range(args.rounds) for v in rows[(r, phase)][0]) for phase in PHASES}
+    print()
+    print("all rounds: " + ", ".join(f"{phase} {pooled[phase]:.2f} ({100 * pooled[phase] / pooled['healthy']:.1f} %)"
+                                      for phase in PHASES))
     print()
     print(f"train/loss steps: journal {len(in_journal)}, MLflow {len(in_mlflow)} "
           f"(duplicates: {len(in_mlflow) - len(set(in_mlflow))}, missing: {len(set(in_journal) - set(in_mlflow))}, "
