@@ -264,6 +264,7 @@ class Sender:
                 self._idle()
             if item is None:
                 continue
+            attempt_start = time.monotonic()
             try:
                 self._deliver(client, *item)
             except Exception as exc:
@@ -272,7 +273,7 @@ class Sender:
                     say(f"warning: MLflow refused a {item[0]} entry, dropped: {' '.join(str(exc).split())[:200]}")
                 else:
                     if self._down_since is None:
-                        self._down_since = time.monotonic()
+                        self._down_since = attempt_start
                         say(
                             f"warning: MLflow tracking server not answering ({' '.join(str(exc).split())[:160]}); "
                             f"training goes on, entries wait here (up to {self.max_entries}) and in the run's journal"
