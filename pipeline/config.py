@@ -168,7 +168,8 @@ class TrainConfig:
     val_max_images: int = 0  # cap of the whole set; 0 = all
     hash_seed: int = 0
     # scaling (Ray Train ScalingConfig)
-    workers: int = 1
+    workers: int = 1  # DDP workers; with workers_max, the minimum of an elastic range
+    workers_max: int = 0  # > workers: elastic, between workers and workers_max (`--workers 4-8`)
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "yes", "no"] = "auto"
@@ -184,6 +185,10 @@ class TrainConfig:
     experiment: str = "dnlan"
     tracking_uri: str | None = None
     register_model: bool = True
+    # At the end of a run, how long the workers (each) and then the driver wait for a tracking
+    # server that does not answer before giving up (what is not logged stays in the run's
+    # journal for `sr-pipeline sync`): a hung server delays the end by about twice this.
+    tracking_drain_s: float = 45.0
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -207,9 +212,10 @@ class TrainConfig:
             raise ConfigError(
                 f"patch_size ({self.patch_size}) must be divisible by the scale ({self.model.scale})"
             )
-        if self.batch_size < self.workers:
+        if self.batch_size < max(self.workers, self.workers_max):
             raise ConfigError(
-                f"batch_size is the global batch ({self.batch_size}); it must be >= workers ({self.workers})"
+                f"batch_size is the global batch ({self.batch_size}); it must be >= workers "
+                f"({max(self.workers, self.workers_max)})"
             )
         if self.lr <= 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
@@ -219,6 +225,10 @@ class TrainConfig:
             raise ConfigError(f"grad_clip must be >= 0, got {self.grad_clip}")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             raise ConfigError("cpus_per_worker and gpus_per_worker must be >= 0")
+        if self.workers_max and self.workers_max < self.workers:
+            raise ConfigError(f"workers_max ({self.workers_max}) must be >= workers ({self.workers}), or 0 (fixed)")
+        if self.tracking_drain_s < 0:
+            raise ConfigError(f"tracking_drain_s must be >= 0, got {self.tracking_drain_s}")
         if self.max_failures < -1:
             raise ConfigError(f"max_failures must be >= -1 (-1 = unlimited), got {self.max_failures}")
         _positive(self.keep_checkpoints, "keep_checkpoints")

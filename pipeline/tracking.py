@@ -12,10 +12,12 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -102,6 +104,21 @@ def experiment_id(name: str, uri: str) -> str:
         return exp.experiment_id
 
 
+_quiet = threading.local()
+
+
+@contextmanager
+def quiet_retries() -> Iterator[None]:
+    """In this thread, :func:`with_retries` keeps its warnings to itself (a caller that sums
+    up an outage in one line of its own, e.g. the end of `train`)."""
+    before = getattr(_quiet, "on", False)
+    _quiet.on = True
+    try:
+        yield
+    finally:
+        _quiet.on = before
+
+
 def with_retries(fn: Callable[..., T], *args: Any, attempts: int = 5, what: str = "MLflow call", **kwargs: Any) -> T | None:
     """Call `fn`, retrying with backoff; after the last failure log it and return None.
 
@@ -109,14 +126,15 @@ def with_retries(fn: Callable[..., T], *args: Any, attempts: int = 5, what: str 
     multi-hour job because the tracking server restarted.
     """
     delay = 1.0
+    warn = (lambda message: None) if getattr(_quiet, "on", False) else console.warn
     for attempt in range(1, attempts + 1):
         try:
             return fn(*args, **kwargs)
         except Exception as exc:  # network errors surface as many exception types
             if attempt == attempts:
-                console.warn(f"{what} failed after {attempts} attempts, continuing without it: {exc}")
+                warn(f"{what} failed after {attempts} attempts, continuing without it: {exc}")
                 return None
-            console.warn(f"{what} failed (attempt {attempt}/{attempts}), retrying in {delay:.0f}s: {exc}")
+            warn(f"{what} failed (attempt {attempt}/{attempts}), retrying in {delay:.0f}s: {exc}")
             time.sleep(delay)
             delay = min(delay * 2, 30.0)
     return None

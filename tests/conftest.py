@@ -125,6 +125,7 @@ def ray_cluster() -> Iterator[RayCluster]:
 class MlflowServer:
     uri: str
     root: Path
+    pgid: int = 0  # its process group: a test may freeze it (SIGSTOP) and must resume it (SIGCONT)
 
 
 @pytest.fixture(scope="session")
@@ -155,7 +156,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
                 if time.monotonic() > deadline:
                     raise TimeoutError("mlflow server did not become healthy in 120 s")
                 time.sleep(0.5)
-            yield MlflowServer(uri, root)
+            yield MlflowServer(uri, root, proc.pid)
         finally:
             stop_session(proc)
 

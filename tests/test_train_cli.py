@@ -45,3 +45,12 @@ def test_storage_path_that_cannot_be_created_is_one_line_before_ray(train_shards
     line = _error(proc)
     assert line.startswith("error: --storage-path /proc/sr-audit: cannot create or write it (")
     assert "Ray" not in proc.stderr  # checked before any Ray instance starts
+
+
+def test_gpu_requests_that_cannot_work_are_refused_before_ray_starts(train_shards):  # noqa: F811
+    base = ("train", "--shards", str(train_shards), "--preset", "tiny", "--set", "use_gpu=yes")
+    line = _error(run_cli(*base, "--gpus-per-worker", "0.5"))
+    assert "--gpus-per-worker 0.5: each NCCL rank needs whole GPUs of its own" in line
+    proc = run_cli(*base, "--workers", "2")  # this machine has no GPU
+    assert "--workers 2 x --gpus-per-worker 1 needs 2 GPUs but the cluster has 0" in _error(proc)
+    assert "Ray" not in proc.stderr

@@ -12,7 +12,7 @@ from fixtures_train import plain_y_psnr
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.console import UserError
-from pipeline.train import checkpoint, launcher, loop, storage, tracking
+from pipeline.train import checkpoint, cluster, credentials, loop, runs, storage, tracking
 
 
 def _tiny_model():
@@ -127,30 +127,30 @@ def _node(cpu, gpu=0.0):
 
 def test_resource_check_counts_whole_workers_per_node():
     cfg = load_config(TrainConfig, preset="tiny", overrides={"workers": 2, "cpus_per_worker": 1})
-    launcher.check_resources(cfg, False, [_node(1), _node(1)])
+    cluster.check_resources(cfg, False, [_node(1), _node(1)])
     cfg = load_config(TrainConfig, overrides={"workers": 8, "cpus_per_worker": 4, "gpus_per_worker": 1})
-    launcher.check_resources(cfg, True, [_node(16, 4), _node(16, 4)])
+    cluster.check_resources(cfg, True, [_node(16, 4), _node(16, 4)])
     with pytest.raises(UserError, match="--workers 8 needs 8 x \\(4 CPU \\+ 1 GPU\\).*fits only 6"):
-        launcher.check_resources(cfg, True, [_node(16, 4), _node(8, 4)])
+        cluster.check_resources(cfg, True, [_node(16, 4), _node(8, 4)])
     cfg = load_config(TrainConfig, overrides={"workers": 3, "cpus_per_worker": 1.5})
     with pytest.raises(UserError, match="fits only 2"):  # 2 CPUs each: one 1.5-CPU worker per node
-        launcher.check_resources(cfg, False, [_node(2), _node(2)])
+        cluster.check_resources(cfg, False, [_node(2), _node(2)])
 
 
 def test_run_names(tmp_path: Path):
     cfg = load_config(TrainConfig, preset="tiny")
-    name, record = launcher.choose_run(cfg, str(tmp_path))
+    name, record = runs.choose_run(cfg, str(tmp_path))
     assert name.startswith("dnlan-x2-") and record is None
-    assert launcher.choose_run(cfg, str(tmp_path))[0] != name  # fresh runs never collide
+    assert runs.choose_run(cfg, str(tmp_path))[0] != name  # fresh runs never collide
     with pytest.raises(UserError, match="no run to resume"):
-        launcher.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
+        runs.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
     storage.write_json(str(tmp_path / "old" / storage.RUN_FILE), {"mlflow_run_id": "r", "model": {"n_feats": 64}})
-    name, record = launcher.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
+    name, record = runs.choose_run(load_config(TrainConfig, overrides={"resume": True}), str(tmp_path))
     assert name == "old" and record["mlflow_run_id"] == "r"
     with pytest.raises(UserError, match="model.n_feats=64, not 192"):
-        launcher.check_same_model(load_config(TrainConfig), record, "old")
+        runs.check_same_model(load_config(TrainConfig), record, "old")
     with pytest.raises(UserError, match="plain name"):
-        launcher.choose_run(load_config(TrainConfig, overrides={"run_name": "a/b"}), str(tmp_path))
+        runs.choose_run(load_config(TrainConfig, overrides={"run_name": "a/b"}), str(tmp_path))
 
 
 def test_ema_update_is_an_exponential_average():
@@ -182,23 +182,27 @@ def test_metric_logger_skips_steps_already_logged(tmp_path: Path, monkeypatch: p
     run_id, _ = tracking.open_run(uri, "t", "job", str(tmp_path))
     created = MlflowClient(uri).get_run(run_id)  # a new run, tagged with the Ray run's name
     assert created.info.status == "RUNNING" and created.data.tags[tracking.TAG_RAY_RUN] == "job"
-    first = tracking.MetricLogger(uri, run_id, enabled=True)
+    run_dir = str(tmp_path / "run")  # the journal beside the checkpoints says what was logged
+    first = tracking.MetricLogger(uri, run_id, enabled=True, run_dir=run_dir)
     for step in (2, 4, 6):
         first.log({"train/loss": 1.0 / step}, step)
     first.log({"val/psnr": 20.0}, 4)
+    first.close()
     # a restarted worker group resumes from the checkpoint at step 2 and logs steps 4.. again
-    again = tracking.MetricLogger(uri, run_id, enabled=True)
+    again = tracking.MetricLogger(uri, run_id, enabled=True, run_dir=run_dir)
     for step in (4, 6, 8):
         again.log({"train/loss": 0.5 / step, "val/psnr": 21.0}, step)
+    again.log({"train/loss": math.nan}, 10)  # not finite: not logged, not fatal
+    again.close()
     client = MlflowClient(uri)
     assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [2, 4, 6, 8]
     assert [m.step for m in client.get_metric_history(run_id, "val/psnr")] == [4, 6, 8]
-    again.log({"train/loss": math.nan}, 10)  # not finite: not logged, not fatal
-    assert len(client.get_metric_history(run_id, "train/loss")) == 4
     assert tracking.open_run(uri, "t", "job", str(tmp_path), run_id)[:1] == (run_id,)
     # system metrics keep their own step counter: they never set a floor for ours
     client.log_metric(run_id, "system/cpu_utilization_percentage", 5.0, step=1000)
-    assert "system/cpu_utilization_percentage" not in tracking.MetricLogger(uri, run_id, enabled=True).floors
+    probe = tracking.MetricLogger(uri, run_id, enabled=True, run_dir=run_dir)
+    assert "system/cpu_utilization_percentage" not in probe.floors
+    probe.close()
 
 
 def test_params_keep_first_values_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
@@ -311,14 +315,14 @@ def test_worker_env_carries_no_credentials(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "s3cr@t")
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "x")
-    env = launcher._worker_env("127.0.0.1:6379")
+    env = cluster.worker_env("127.0.0.1:6379")
     assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/base"
     assert env["MLFLOW_EXPERIMENT_NAME"] == "x" and env["RAY_ADDRESS"] == "127.0.0.1:6379"
     assert not any("alice" in v or "s3cr" in v for v in env.values())
 
     # credentials of a user:password@ URI travel as MLflow's own variables, and only those
-    given = launcher.uri_credentials("http://bob:pw%2F1@127.0.0.1:5000")
-    with_uri = launcher._worker_env(None, {**given, "AWS_SECRET_ACCESS_KEY": "no"})
+    given = credentials.uri_credentials("http://bob:pw%2F1@127.0.0.1:5000")
+    with_uri = cluster.worker_env(None, {**given, "AWS_SECRET_ACCESS_KEY": "no"})
     assert with_uri["MLFLOW_TRACKING_USERNAME"] == "bob" and with_uri["MLFLOW_TRACKING_PASSWORD"] == "pw/1"
     assert "AWS_SECRET_ACCESS_KEY" not in with_uri and "RAY_ADDRESS" not in with_uri
     assert with_uri["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000/base"
@@ -329,12 +333,12 @@ def test_driver_credentials_come_from_the_uri_and_are_put_back(monkeypatch: pyte
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "before")
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
-    with launcher.credentials_in_env("http://bob:p%3Ass@127.0.0.1:5000"):
+    with credentials.credentials_in_env("http://bob:p%3Ass@127.0.0.1:5000"):
         assert os.environ["MLFLOW_TRACKING_USERNAME"] == "bob"
         assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "p:ss"
     assert os.environ["MLFLOW_TRACKING_USERNAME"] == "before" and "MLFLOW_TRACKING_PASSWORD" not in os.environ
-    assert launcher.uri_credentials("http://127.0.0.1:5000") == {}
-    with launcher.credentials_in_env("sqlite:///x.db"):
+    assert credentials.uri_credentials("http://127.0.0.1:5000") == {}
+    with credentials.credentials_in_env("sqlite:///x.db"):
         assert os.environ["MLFLOW_TRACKING_USERNAME"] == "before"
 
 

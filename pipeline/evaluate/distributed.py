@@ -89,7 +89,7 @@ def ray_images(
     import ray
     from ray.util import ActorPool
 
-    from pipeline.train.launcher import connect
+    from pipeline.train.cluster import connect
 
     connect(address, dashboard=False)
     try:

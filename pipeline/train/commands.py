@@ -16,6 +16,37 @@ import typer
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train_cmd)
+    app.command("sync")(sync_cmd)
+
+
+def sync_cmd(
+    run_name: Annotated[Optional[str], typer.Option(help="Run to sync (default: the latest under the storage path).")] = None,
+    storage_path: Annotated[Optional[str], typer.Option(help="Where the run's checkpoints are (as given to train).")] = None,
+    tracking_uri: Annotated[Optional[str], typer.Option(help="MLflow tracking URI (default: the one the run was trained with).")] = None,
+) -> None:
+    """Bring a run's MLflow record up to date after the tracking server was away.
+
+    Training keeps its metric points, tags and params in a journal beside the checkpoints (<storage>/<run>/tracking/); this replays what MLflow lacks and finishes what the end of `train` could not (best model upload, registration, run status). Safe to repeat.
+    """
+    from pipeline import console
+    from pipeline.train.sync import sync_run
+
+    console.info(sync_run(run_name, storage_path, tracking_uri))
+
+
+def parse_workers(text: str) -> dict[str, int]:
+    """``--workers 4`` or ``--workers 4-8`` (elastic) as TrainConfig values."""
+    from pipeline.console import UserError
+
+    low, sep, high = text.strip().partition("-")
+    try:
+        lo = int(low)
+        hi = int(high) if sep else 0
+    except ValueError:
+        raise UserError(f"--workers {text!r}: give a number (4) or a range MIN-MAX (4-8)") from None
+    if sep and hi < lo:
+        raise UserError(f"--workers {text}: the maximum is below the minimum")
+    return {"workers": lo, "workers_max": hi if hi > lo else 0}
 
 
 def train_cmd(
@@ -23,7 +54,7 @@ def train_cmd(
     scale: Annotated[Optional[int], typer.Option(help="Upscaling factor: 2, 3 or 4.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="paper | paper128 | tiny (model + recipe).")] = None,
     config: Annotated[Optional[str], typer.Option("--config", "-c", help="YAML file of option: value pairs.")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DDP workers (one per GPU on a GPU cluster).")] = None,
+    workers: Annotated[Optional[str], typer.Option(help="DDP workers (one per GPU on a GPU cluster), or a range MIN-MAX (e.g. 4-8): elastic, starts with what the cluster has and resizes when nodes leave or join (with --max-failures >= 1).")] = None,
     cpus_per_worker: Annotated[Optional[float], typer.Option(help="CPUs reserved per worker.")] = None,
     gpus_per_worker: Annotated[Optional[float], typer.Option(help="GPUs per worker (when GPUs are used).")] = None,
     cpu: Annotated[bool, typer.Option("--cpu", help="Train on CPU (gloo) even if the cluster has GPUs.")] = False,
@@ -70,7 +101,7 @@ def train_cmd(
     from pipeline.config import TrainConfig, load_config, parse_sets
 
     overrides: dict[str, object] = {
-        "shards": shards, "model.scale": scale, "workers": workers, "cpus_per_worker": cpus_per_worker,
+        "shards": shards, "model.scale": scale, "cpus_per_worker": cpus_per_worker,
         "gpus_per_worker": gpus_per_worker, "address": address, "epochs": epochs,
         "iters_per_epoch": iters_per_epoch, "batch_size": batch_size, "lr": lr, "scale_lr": scale_lr,
         "patch_size": patch_size, "loader_workers": loader_workers, "ema": ema, "grad_clip": grad_clip,
@@ -81,6 +112,8 @@ def train_cmd(
         "run_name": run_name, "max_failures": max_failures, "keep_checkpoints": keep_checkpoints,
         "experiment": experiment, "tracking_uri": tracking_uri, "register_model": register,
     }
+    if workers is not None:
+        overrides.update(parse_workers(workers))
     if cpu:
         overrides["use_gpu"] = "no"
     if loader_workers is not None and loader_workers.strip().lower() == "auto":

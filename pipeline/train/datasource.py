@@ -17,7 +17,7 @@ from pipeline import console
 from pipeline.config import TrainConfig
 from pipeline.console import UserError
 from pipeline.train import shardio
-from pipeline.train.loop import JobSpec
+from pipeline.train.job import JobSpec
 
 
 def resolve_location(given: str) -> str:
@@ -125,6 +125,10 @@ def resolve_job(cfg: TrainConfig) -> JobSpec:
         return job
     val_dir = resolve_location(cfg.val_shards) if cfg.val_shards else folder
     val_manifest = manifest if val_dir == folder else shardio.load_manifest(val_dir)
+    if val_dir != folder:  # one run reads one encoding: a mix is a preprocessing mistake
+        from pipeline.preprocess.manifest import require_one_encoding
+
+        require_one_encoding({where: manifest, shardio.shown(val_dir): val_manifest})
     valid = val_manifest["splits"].get("valid") or {}
     val_entries = checked_entries(val_dir, "valid", val_manifest, cfg.skip_bad_shards) if valid.get("shards") else []
     job.val_shards = [e.location for e in val_entries]

@@ -40,22 +40,8 @@ from typing import Any
 
 import torch
 
+from pipeline.train.job import JobSpec
 from pipeline.train.step import ema_update  # noqa: F401 - part of this module's interface
-
-
-@dataclass
-class JobSpec:
-    """What the driver resolved for the workers (absolute paths, counts, ids)."""
-
-    train_shards: list[str]
-    train_counts: list[int]
-    val_shards: list[str] = field(default_factory=list)
-    val_folder: str | None = None
-    val_count: int = 0
-    run_dir: str = ""  # <storage>/<run name>, where best_model/ goes
-    tracking_uri: str | None = None
-    mlflow_run_id: str | None = None
-    lr: float = 1e-4  # effective learning rate (after optional batch scaling)
 
 
 def say(message: str) -> None:
@@ -214,7 +200,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     progress, saved_rng = resume(w, parts, scheduler)
     batches, loader = start_loader(w, progress.step)
     run_tracking.bound_worker_http()  # with_retries is the one retry policy in the workers
-    log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=w.rank == 0)
+    log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=w.rank == 0, run_dir=job.run_dir,
+                       drain_s=cfg.tracking_drain_s)
     start_tracking(w, log, progress)
     if w.rank == 0:  # train/mfu: FLOPs counted once, on CUDA GPUs with a known peak only
         from pipeline.model.flops import training_flops_if_measurable

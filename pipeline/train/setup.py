@@ -13,8 +13,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.train.job import JobSpec
 from pipeline.train.loop import (
-    JobSpec,
     Worker,
     agree_on_precision,
     all_reduce_sum,
