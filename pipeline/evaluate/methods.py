@@ -146,8 +146,8 @@ def method_from_config(
 ) -> Method:
     """Bicubic, or the network behind --checkpoint / --run-id, checked against --scale."""
     if cfg.method == "bicubic":
-        if cfg.checkpoint or cfg.run_id:
-            raise UserError("--model bicubic takes no --checkpoint or --run-id")
+        if cfg.checkpoint or cfg.run_id or cfg.model_uri:
+            raise UserError("--model bicubic takes no --checkpoint, --run-id or --model-uri")
         scales = list(cfg.scales) or list(SCALES)
         return Method("bicubic", "Bicubic", "bicubic", {s: BicubicUpscaler(s) for s in scales})
 
@@ -162,9 +162,11 @@ def method_from_config(
                 "--run-id needs MLflow tracking (drop --no-mlflow or give --tracking-uri)"
             )
         path = model_source.download_run_model(cfg.run_id, tracking_uri, workdir)
+    elif cfg.model_uri:
+        path = model_source.download_mlflow_model(cfg.model_uri, tracking_uri, workdir)
     else:
         raise UserError(
-            "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID or --model bicubic"
+            "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID, --model-uri URI or --model bicubic"
         )
     facts = model_source.checkpoint_facts(path)
     ckpt_scale = facts.scale
@@ -192,6 +194,8 @@ def method_from_config(
         on_tile=on_tile,
     )
     source = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
+    if cfg.model_uri and not (cfg.checkpoint or cfg.run_id):
+        source = f"MLflow model {cfg.model_uri}"
     return Method(
         "dnlan", "DNLAN", source, {scale: upscaler}, dataclasses.asdict(model.config), facts.step
     )

@@ -288,7 +288,7 @@ def prepare(cfg: EvalConfig, workdir: Path) -> Prepared:
     every input file for the method's scales (which a checkpoint decides)."""
     benches = resolve_benchmarks(cfg.benchmarks, cfg.data_dir or defaults.data_dir())
     uri = None
-    if cfg.mlflow or cfg.run_id:
+    if cfg.mlflow or cfg.run_id or cfg.model_uri:
         from pipeline.tracking import check_reachable, resolve_uri
 
         uri = resolve_uri(cfg.tracking_uri)

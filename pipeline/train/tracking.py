@@ -106,36 +106,20 @@ def finish_run(uri: str, run_id: str, status: str) -> None:
 
 
 def log_best_model(uri: str, run_id: str, local_dir: str | Path) -> None:
-    """Upload ``best_model/`` (model.pt, state_dict.pt, meta.json) to the run's artifacts."""
+    """Upload ``best_model/`` (model.pt, state_dict.pt, meta.json) to the run's artifacts, and
+    log model.pt as an MLflow Model of the run (see :mod:`pipeline.mlflow_model`)."""
+    from pipeline import mlflow_model
+
     with_retries(_client(uri).log_artifacts, run_id, str(local_dir), "best_model", what="MLflow best model upload")
+    with_retries(mlflow_model.log_model, uri, run_id, local_dir, attempts=3, what="MLflow Model logging")
 
 
 def register_best(uri: str, run_id: str, scale: int, psnr: float, step: int) -> str | None:
-    """Register ``best_model/`` of the run as a new version of ``dnlan-x{scale}``."""
-    client = _client(uri)
-    name = f"dnlan-x{scale}"
+    """Register the run's MLflow Model as a new version of ``dnlan-x{scale}``; ``champion``
+    follows the best validation PSNR (see :func:`pipeline.mlflow_model.register`)."""
+    from pipeline import mlflow_model
 
-    def _register() -> str:
-        try:
-            client.get_registered_model(name)
-        except Exception:
-            client.create_registered_model(
-                name, description=f"DNLAN x{scale} super-resolution models trained by sr-pipeline"
-            )
-        for existing in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-            if existing.tags.get("step") == str(step):  # a rerun with nothing new: no duplicate
-                return str(existing.version)
-        artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/best_model"
-        version = client.create_model_version(
-            name,
-            source=artifact_uri,
-            run_id=run_id,
-            tags={"val_psnr": f"{psnr:.4f}", "step": str(step), "scale": str(scale)},
-            description=f"best validation PSNR {psnr:.4f} dB (Y channel) at step {step}",
-        )
-        return str(version.version)
-
-    return with_retries(_register, what="MLflow model registration")
+    return with_retries(mlflow_model.register, uri, run_id, scale, psnr, step, what="MLflow model registration")
 
 
 def git_commit() -> str:
