@@ -225,7 +225,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
 
     run_tracking.bound_worker_http()  # with_retries is the one retry policy in the workers
     log = MetricLogger(job.tracking_uri, job.mlflow_run_id, enabled=rank == 0)
-    log.start_system_metrics()
+    from pipeline.train import sysmetrics  # one worker per node monitors its node
+    node_metrics = sysmetrics.start(job.tracking_uri, job.mlflow_run_id)
     if rank == 0 and device.type == "cuda":
         log.set_tag("sr.gpu_name", torch.cuda.get_device_name(device))
     if rank == 0 and job.tracking_uri and job.mlflow_run_id:
@@ -386,4 +387,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:  # noqa: C901 - one r
         # with each other and with the checkpoint.
         run_tracking.set_tag(job.tracking_uri, job.mlflow_run_id, f"sr.params_sha256.rank{rank}", param_digest(model))
     log.close()
+    sysmetrics.stop(node_metrics)
     del batches, loader
