@@ -160,6 +160,11 @@ def test_evaluate_model_uri_and_its_errors(mlflow_server, registry, mini_bench, 
     by_uri, by_file = (json.loads((tmp_path / f).read_text()) for f in ("uri.json", "file.json"))
     assert by_uri[0]["psnr"] == by_file[0]["psnr"] and by_uri[0]["scale"] == 2
     assert "MLflow model models:/dnlan-x2@champion" in proc.stderr
+    from pipeline.mlflow_model import sha256_file
+
+    prov = by_uri[0]["provenance"]  # the registered weights are traced back to their run
+    assert prov["source_run"] == registry["best"][0] and prov["model_uri"] == "models:/dnlan-x2@champion"
+    assert prov["checkpoint_sha256"] == sha256_file(registry["best"][1])
 
     missing = run_cli("evaluate", "--model-uri", "models:/no-such-model@champion", *common)
     lines = missing.stderr.strip().splitlines()

@@ -132,6 +132,7 @@ class Method:
     upscalers: dict[int, Upscaler]
     model_config: dict[str, Any] | None = None  # the loaded network's config (None: bicubic)
     step: int | None = None  # training step of the weights, when the checkpoint records it
+    checkpoint: str | None = None  # the weights file evaluated (its sha256 goes into provenance)
 
     @property
     def scales(self) -> list[int]:
@@ -196,6 +197,9 @@ def method_from_config(
     source = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
     if cfg.model_uri and not (cfg.checkpoint or cfg.run_id):
         source = f"MLflow model {cfg.model_uri}"
+    from pipeline.evaluate.provenance import plus_label
+
     return Method(
-        "dnlan", "DNLAN", source, {scale: upscaler}, dataclasses.asdict(model.config), facts.step
+        "dnlan", plus_label("DNLAN", cfg.self_ensemble), source, {scale: upscaler},
+        dataclasses.asdict(model.config), facts.step, checkpoint=str(path),
     )

@@ -68,6 +68,7 @@ class Outcome:
     source: str = ""
     model_config: dict[str, Any] | None = None
     step: int | None = None  # training step of the evaluated weights, when known
+    provenance: dict[str, Any] | None = None  # settings behind the numbers (evaluate/provenance.py)
 
     @property
     def images_done(self) -> int:

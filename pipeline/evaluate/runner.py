@@ -323,7 +323,10 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
             f"at x{', x'.join(map(str, m.scales))}"
             + (f" (tiling {cfg.tiling}, hash {cfg.hash})" if m.name != "bicubic" else "")
         )
-        writer = report.ResultWriter(prep.out_dir, flush_seconds)
+        from pipeline.evaluate import provenance
+
+        prov = provenance.build(cfg, m)
+        writer = report.ResultWriter(prep.out_dir, flush_seconds, provenance=prov)
         try:
             outcome = run_benchmarks(
                 m.upscalers,
@@ -343,9 +346,10 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
         outcome.source = m.source
         outcome.model_config = m.model_config
         outcome.step = m.step
+        outcome.provenance = prov
         written = writer.write(outcome, figures=True)
         if cfg.json_path:
-            report.write_json(Path(cfg.json_path).expanduser(), outcome.summaries)
+            report.write_json(Path(cfg.json_path).expanduser(), outcome.summaries, prov)
         result = EvalReport(
             outcome, prep.out_dir, written.csv_path, written.json_path, written.figure_paths
         )
