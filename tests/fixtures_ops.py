@@ -243,7 +243,7 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
-        page.wait_for_url(re.compile(rf".*#/experiments/{run.experiment_id}/runs.*"), timeout=20_000)
+        page.wait_for_url(re.compile(rf".*#/experiments/{run.experiment_id}/runs.*"), timeout=5_000)
     except PlaywrightTimeout:
         shot("0-experiment-landing")
     landing = page.url
