@@ -260,6 +260,7 @@ class EvalConfig:
     method: Literal["dnlan", "bicubic"] = "dnlan"
     checkpoint: str | None = None
     run_id: str | None = None
+    model_uri: str | None = None  # an MLflow Model of ours, e.g. models:/dnlan-x2@champion
     use_ema: bool = True  # evaluate the EMA weights when the checkpoint holds them
     # Official state_dicts: read n_feats/depth/scale from the tensor shapes unless a preset or
     # model option is imposed (the CLI sets this false when --preset is given).

@@ -28,6 +28,10 @@ T = TypeVar("T")
 
 # Param values MLflow accepts (longer ones are truncated rather than failing the run).
 MAX_PARAM_LEN = 6000
+# MLflow 3's UI opens an experiment in its GenAI view unless this tag says it is for model
+# training: set on every experiment the pipeline creates (train, evaluate, demo).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 _SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
@@ -81,7 +85,8 @@ def _split_credentials(url: str) -> tuple[str, dict[str, str]]:
 
 
 def experiment_id(name: str, uri: str) -> str:
-    """Id of experiment `name`, created if needed.
+    """Id of experiment `name`, created if needed (tagged as model development, so the UI opens
+    its runs, charts and models rather than the GenAI overview).
 
     In the embedded store, artifacts go to ``<home>/mlartifacts/<name>`` (an absolute path),
     not MLflow's cwd-relative ``./mlruns``, so the UI finds them from anywhere.
@@ -96,7 +101,9 @@ def experiment_id(name: str, uri: str) -> str:
     if defaults.is_default_local_store(uri):
         location = (defaults.artifact_root() / name).as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(
+            name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except Exception:  # created concurrently by another process
         exp = client.get_experiment_by_name(name)
         if exp is None:

@@ -51,6 +51,12 @@ def test_demo_run_in_mlflow_has_params_metrics_and_artifacts(demo_run):
     assert {"best_model/model.pt", "best_model/state_dict.pt"} <= best
     versions = client.search_model_versions("name='dnlan-x2'")
     assert any(v.run_id == run.info.run_id for v in versions)
+    # an MLflow Model logged by the run, registered, and the champion of its name (issue 13)
+    champion = client.get_model_version_by_alias("dnlan-x2", "champion")
+    assert champion.run_id == run.info.run_id
+    assert [f"models:/{o.model_id}" for o in run.outputs.model_outputs] == [champion.source]
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_demo_on_a_real_div2k_layout(tmp_path, t91_dir, set5_dir):

@@ -52,7 +52,7 @@ def test_new_run_with_metrics_params_and_artifacts(mlflow_server, shared_data, t
     assert run.data.tags["sr_pipeline.stage"] == "evaluate"
     assert run.info.status == "FINISHED"
     assert _artifacts(client, run.info.run_id) == {
-        "evaluation/per_image.csv", "evaluation/summary.json",
+        "evaluation/per_image.csv", "evaluation/summary.json", "evaluation/provenance.json",
         "evaluation/figures/Set5_x2.png", "evaluation/figures/Set5_x4.png",
     }  # fmt: skip
     local = client.download_artifacts(run.info.run_id, "evaluation/summary.json", str(tmp_path))

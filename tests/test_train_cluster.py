@@ -82,6 +82,18 @@ def test_two_node_job_trains_and_tracks_everything(ray_cluster, mlflow_server, t
     assert params["git.commit"] and params["data.train_shards"] == "3" and params["derived.backend"] == "gloo"
     assert tags["sr.nodes_used"] == "2" and tags["sr.ray_run_name"] == "short"
 
+    # system metrics from each of the two nodes (one monitor per Ray node), host named in a tag;
+    # GPU figures exactly when NVML works here
+    from pipeline.train.sysmetrics import gpu_available
+
+    system = [k for k in run.data.metrics if k.startswith("system/")]
+    labels = {k.split("/")[1] for k in system}
+    assert len(labels) == 2 and all(label.startswith("node-") for label in labels), system
+    for label in labels:
+        assert f"system/{label}/cpu_utilization_percentage" in run.data.metrics, system
+        assert tags[f"sr.node.{label}"].endswith("(127.0.0.1)")
+    assert any("/gpu_" in k for k in system) == gpu_available()
+
     # metric histories: every logged step once, loss going down, ranks in sync
     assert metric_steps(mlflow_server.uri, run_id, "train/loss") == list(range(2, 25, 2))
     loss = [m.value for m in client.get_metric_history(run_id, "train/loss")]

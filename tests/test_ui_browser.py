@@ -48,6 +48,7 @@ def demo_logged_run(demo_run, tmp_path: Path) -> LoggedRun:
         tracking_uri=demo_run.tracking_uri, experiment_name=exp.name, experiment_id=exp.experiment_id,
         run_id=run.info.run_id, run_name=run.info.run_name, psnr=[m.value for m in history],
         image_path=images[-1], image_bytes=local.read_bytes(), image_size=size,
+        registered_model=f"dnlan-x{run.data.params['model.scale']}",
     )
 
 
@@ -78,8 +79,10 @@ def test_browser_finds_the_demo_run_its_val_psnr_and_the_comparison_image(
             saved = browse_run(page, server.url, run, shots)
         finally:
             context.close()
+    saved = [p for p in saved if p.name != "0-experiment-landing.png"]  # kept, see browse_run
     assert [p.name for p in saved] == [
         "1-runs.png", "2-run-overview.png", "3-val-psnr-chart.png", "4-comparison-artifact.png"
     ]
     assert all(p.stat().st_size > 10_000 for p in saved)  # real renders, not blank pages
-    print(f"screenshots: {shots}")
+    for path in saved:  # kept under pytest's tmp dir (the last few sessions are kept)
+        print(f"screenshot: {path}")

@@ -54,6 +54,13 @@ def evaluate_cmd(
             help="MLflow run whose best_model/model.pt to evaluate (with --checkpoint: that file instead); results are logged to that run unless --no-mlflow.",
         ),
     ] = None,
+    model_uri: Annotated[
+        Opt[str],
+        typer.Option(
+            "--model-uri",
+            help="A registered MLflow Model of ours, e.g. models:/dnlan-x2@champion (evaluated into a new run).",
+        ),
+    ] = None,
     model: Annotated[
         Opt[str],
         typer.Option(
@@ -193,6 +200,7 @@ def evaluate_cmd(
         {
             "checkpoint": checkpoint,
             "run_id": run_id,
+            "model_uri": model_uri,
             "method": model,
             "benchmarks": _split(benchmarks),
             "scales": _split(scale),

@@ -130,6 +130,7 @@ class Method:
     upscalers: dict[int, Upscaler]
     model_config: dict[str, Any] | None = None  # the loaded network's config (None: bicubic)
     step: int | None = None  # training step of the weights, when the checkpoint records it
+    checkpoint: str | None = None  # the weights file evaluated (its sha256 goes into provenance)
 
     @property
     def scales(self) -> list[int]:
@@ -144,8 +145,8 @@ def method_from_config(
 ) -> Method:
     """Bicubic, or the network behind --checkpoint / --run-id, checked against --scale."""
     if cfg.method == "bicubic":
-        if cfg.checkpoint or cfg.run_id:
-            raise UserError("--model bicubic takes no --checkpoint or --run-id")
+        if cfg.checkpoint or cfg.run_id or cfg.model_uri:
+            raise UserError("--model bicubic takes no --checkpoint, --run-id or --model-uri")
         scales = list(cfg.scales) or list(SCALES)
         return Method("bicubic", "Bicubic", "bicubic", {s: BicubicUpscaler(s) for s in scales})
 
@@ -159,9 +160,11 @@ def method_from_config(
                 "--run-id needs MLflow tracking (drop --no-mlflow or give --tracking-uri)"
             )
         paths = [model_source.download_run_model(cfg.run_id, tracking_uri, workdir)]
+    elif cfg.model_uri:
+        paths = [model_source.download_mlflow_model(cfg.model_uri, tracking_uri, workdir)]
     else:
         raise UserError(
-            "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID or --model bicubic"
+            "nothing to evaluate: give --checkpoint PATH, --run-id RUN_ID, --model-uri URI or --model bicubic"
         )
     if len(paths) > 1:
         return _one_checkpoint_per_scale(cfg, paths, on_tile)
@@ -182,10 +185,14 @@ def method_from_config(
     model, desc = model_source.load_model(source, cfg, cfg.scales[0] if cfg.scales else ckpt_scale)
     upscaler = _model_upscaler(cfg, model, on_tile)
     where = f"MLflow run {cfg.run_id} ({desc})" if cfg.run_id and not cfg.checkpoint else desc
+    if cfg.model_uri and not (cfg.checkpoint or cfg.run_id):
+        where = f"MLflow model {cfg.model_uri}"
+    from pipeline.evaluate.provenance import plus_label
+
     return Method(
-        "dnlan", "DNLAN", where, {upscaler.scale: upscaler}, dataclasses.asdict(model.config),
-        facts.step,
-    )  # fmt: skip
+        "dnlan", plus_label("DNLAN", cfg.self_ensemble), where, {upscaler.scale: upscaler},
+        dataclasses.asdict(model.config), facts.step, checkpoint=str(path),
+    )
 
 
 def _model_upscaler(cfg: EvalConfig, model: Any, on_tile) -> ModelUpscaler:
@@ -231,4 +238,7 @@ def _one_checkpoint_per_scale(cfg: EvalConfig, paths: list[Path], on_tile) -> Me
         configs[s] = dataclasses.asdict(model.config)
     steps = {src.facts.step for src in sources.values()}
     step = steps.pop() if len(steps) == 1 else None
-    return Method("dnlan", "DNLAN", "; ".join(descs), upscalers, configs[min(configs)], step)
+    from pipeline.evaluate.provenance import plus_label
+
+    return Method("dnlan", plus_label("DNLAN", cfg.self_ensemble), "; ".join(descs), upscalers,
+                  configs[min(configs)], step, checkpoint=",".join(str(p) for p in paths))

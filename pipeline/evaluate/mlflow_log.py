@@ -22,6 +22,13 @@ the metrics still get their own step). MLflow's run page shows each metric's val
 largest step, i.e. the evaluation of the latest-trained weights (or the latest re-evaluation),
 not necessarily the newest evaluation; the full history is in the metric's chart. Folder and
 benchmark names are made key-safe with :func:`key_part`.
+
+Self-ensemble ("DNLAN+") results are logged as ``psnr_plus``/``ssim_plus`` beside ``psnr``/
+``ssim``: never the same key as a plain evaluation, yet in the same ``eval/<set>/x<s>/`` group,
+so MLflow's compare view lines runs up by benchmark and scale. How each evaluation was made
+(:mod:`pipeline.evaluate.provenance`) is logged as ``provenance.*`` params (new runs) and tags
+(``eval.provenance.*`` on a new run, ``eval.<out folder>.provenance.*`` on a training run), and
+as the ``provenance.json`` artifact.
 """
 
 from __future__ import annotations
@@ -53,11 +60,12 @@ def key_part(name: str) -> str:
 def metric_values(report: EvalReport) -> dict[str, float]:
     """``eval/<Benchmark>/x<s>/psnr|ssim`` (and std for repeats) -> value; non-finite dropped."""
     out: dict[str, float] = {}
+    plus = "_plus" if (report.outcome.provenance or {}).get("self_ensemble") else ""
     for s in report.outcome.summaries:
         base = f"eval/{key_part(s.benchmark)}/x{s.scale}"
-        values = {"psnr": s.psnr, "ssim": s.ssim}
+        values = {f"psnr{plus}": s.psnr, f"ssim{plus}": s.ssim}
         if s.repeats > 1:
-            values |= {"psnr_std": s.psnr_std, "ssim_std": s.ssim_std}
+            values |= {f"psnr{plus}_std": s.psnr_std, f"ssim{plus}_std": s.ssim_std}
         for name, value in values.items():
             if math.isfinite(value):
                 out[f"{base}/{name}"] = float(value)
@@ -98,9 +106,12 @@ def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str |
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
 
+    from pipeline.evaluate.provenance import SIDECAR, as_strings
+
     client = MlflowClient(tracking_uri=uri)
     now = int(time.time() * 1000)
     values = metric_values(report)
+    prov = as_strings(report.outcome.provenance or {})
     tags = [
         RunTag("sr_pipeline.stage", "evaluate"),
         RunTag("eval.method", report.outcome.method),
@@ -120,6 +131,7 @@ def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str |
         tags = [
             RunTag(f"{prefix}.method", report.outcome.method),
             RunTag(f"{prefix}.step", str(step)),
+            *(RunTag(f"{prefix}.{k}", v[:5000]) for k, v in prov.items()),
         ]
         params: list[Param] = []  # a training run's params are its own; never overwrite them
     else:
@@ -132,14 +144,17 @@ def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str |
         artifact_path = "evaluation"
         flat = run_params(cfg, report)
         flat["tracking_uri"] = redact_uri(uri)
+        flat.update(prov)
         params = [Param(k, v) for k, v in safe_params(flat).items()]
         step = choose_step(client, None, list(values), report.outcome.step)
         tags.append(RunTag("eval.step", str(step)))
+        tags += [RunTag(f"eval.{k}", v[:5000]) for k, v in prov.items()]
     metrics = [Metric(k, v, now, step) for k, v in values.items()]
     with_retries(
         client.log_batch, run_id, metrics=metrics, params=params, tags=tags, what="MLflow log_batch"
     )
-    for path in (report.csv_path, report.json_path):
+    sidecar = report.out_dir / SIDECAR
+    for path in (report.csv_path, report.json_path, *([sidecar] if sidecar.is_file() else [])):
         with_retries(
             client.log_artifact,
             run_id,

@@ -92,6 +92,15 @@ def download_run_model(run_id: str, tracking_uri: str, dst: Path) -> Path:
     return Path(local)
 
 
+def download_mlflow_model(model_uri: str, tracking_uri: str | None, dst: Path) -> Path:
+    """Our checkpoint inside an MLflow Model (``models:/dnlan-x2@champion``), or one line."""
+    if tracking_uri is None:
+        raise UserError("--model-uri needs MLflow tracking (give --tracking-uri or the default store)")
+    from pipeline.mlflow_model import download_checkpoint
+
+    return download_checkpoint(model_uri, tracking_uri, dst)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return " ".join(text[0].split())[:200] if text else type(exc).__name__

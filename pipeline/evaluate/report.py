@@ -147,9 +147,13 @@ def summary_records(summaries: list[Summary]) -> list[dict]:
     return out
 
 
-def write_json(path: Path, summaries: list[Summary]) -> Path:
+def write_json(path: Path, summaries: list[Summary], provenance: dict | None = None) -> Path:
+    """The summary records; with ``provenance``, every record carries it (self-describing)."""
+    records = summary_records(summaries)
+    if provenance is not None:
+        records = [{**r, "provenance": provenance} for r in records]
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, (json.dumps(summary_records(summaries), indent=2) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(records, indent=2) + "\n").encode())
     return path
 
 
@@ -244,9 +248,10 @@ class ResultWriter:
     benchmark is not its number); the CSV has every image scored so far.
     """
 
-    def __init__(self, out_dir: Path, flush_seconds: float = 30.0) -> None:
+    def __init__(self, out_dir: Path, flush_seconds: float = 30.0, provenance: dict | None = None) -> None:
         self.out_dir = out_dir
         self.flush_seconds = flush_seconds
+        self.provenance = provenance
         self.latest: Outcome | None = None
         self._last_flush = time.monotonic()
 
@@ -268,7 +273,11 @@ class ResultWriter:
         """Rewrite the CSV and JSON (and, at the end, the figures) from ``outcome``."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_csv(self.csv_path, outcome.rows)
-        write_json(self.json_path, outcome.summaries)
+        write_json(self.json_path, outcome.summaries, self.provenance)
+        if self.provenance is not None:  # the CSV's sidecar: same settings, for every row
+            from pipeline.evaluate.provenance import write_sidecar
+
+            write_sidecar(self.out_dir, self.provenance)
         paths = write_figures(self.out_dir / "figures", outcome) if figures else []
         self._last_flush = time.monotonic()
         return Written(self.csv_path, self.json_path, paths)

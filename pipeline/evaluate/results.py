@@ -71,6 +71,7 @@ class Outcome:
     # wall-clock seconds per (benchmark, scale) and for the whole run (reading, method, metrics)
     wall_seconds: dict[tuple[str, int], float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    provenance: dict[str, Any] | None = None  # settings behind the numbers (evaluate/provenance.py)
 
     @property
     def images_done(self) -> int:

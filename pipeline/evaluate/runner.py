@@ -326,7 +326,7 @@ def prepare(cfg: EvalConfig, workdir: Path) -> Prepared:
     every input file for the method's scales (which a checkpoint decides)."""
     benches = resolve_benchmarks(cfg.benchmarks, cfg.data_dir or defaults.data_dir())
     uri = None
-    if cfg.mlflow or cfg.run_id:
+    if cfg.mlflow or cfg.run_id or cfg.model_uri:
         from pipeline.tracking import check_reachable, resolve_uri
 
         uri = resolve_uri(cfg.tracking_uri)
@@ -362,7 +362,10 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
             + (f" (tiling {cfg.tiling}, hash {cfg.hash})" if m.name != "bicubic" else "")
             + (" with the official repository's protocol" if cfg.protocol == "official" else "")
         )
-        writer = report.ResultWriter(prep.out_dir, flush_seconds)
+        from pipeline.evaluate import provenance
+
+        prov = provenance.build(cfg, m)
+        writer = report.ResultWriter(prep.out_dir, flush_seconds, provenance=prov)
         repeats = cfg.repeats if m.name != "bicubic" else 1
         try:
             with _image_source(cfg, m, repeats) as images:
@@ -385,9 +388,10 @@ def evaluate(cfg: EvalConfig, flush_seconds: float = 30.0) -> EvalReport:
         outcome.source = m.source
         outcome.model_config = m.model_config
         outcome.step = m.step
+        outcome.provenance = prov
         written = writer.write(outcome, figures=True)
         if cfg.json_path:
-            report.write_json(Path(cfg.json_path).expanduser(), outcome.summaries)
+            report.write_json(Path(cfg.json_path).expanduser(), outcome.summaries, prov)
         result = EvalReport(
             outcome, prep.out_dir, written.csv_path, written.json_path, written.figure_paths
         )

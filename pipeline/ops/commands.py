@@ -77,6 +77,35 @@ def demo(
     typer.echo(render(result))
 
 
+def runs(
+    tracking_uri: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--tracking-uri", help="Store to list (default: MLFLOW_TRACKING_URI, else the local store)."),
+    ] = None,
+    experiment: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option("--experiment", "-e", help="Only this experiment (repeatable; default: all)."),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Newest N runs.")] = 50,
+    json_out: Annotated[bool, typer.Option("--json", help="JSON on stdout instead of the table.")] = False,
+) -> None:
+    """The store's runs side by side: preset, scale, steps, best val/psnr, benchmark PSNR/SSIM."""
+    import json
+
+    from pipeline.ops.runs import as_json, collect, render
+    from pipeline.tracking import redact_uri, resolve_uri
+
+    uri = resolve_uri(tracking_uri)
+    rows = collect(uri, experiment, limit)
+    if json_out:
+        typer.echo(json.dumps(as_json(rows), indent=2))
+    elif not rows:
+        typer.echo(f"no runs in {redact_uri(uri)}")
+    else:
+        typer.echo(render(rows))
+
+
 def register(app: typer.Typer) -> None:
     app.command("ui")(ui)
     app.command("demo")(demo)
+    app.command("runs")(runs)

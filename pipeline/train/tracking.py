@@ -127,36 +127,20 @@ def finish_run(uri: str, run_id: str, status: str) -> bool:
 
 
 def log_best_model(uri: str, run_id: str, local_dir: str | Path) -> None:
-    """Upload ``best_model/`` (model.pt, state_dict.pt, meta.json) to the run's artifacts."""
+    """Upload ``best_model/`` (model.pt, state_dict.pt, meta.json) to the run's artifacts, and
+    log model.pt as an MLflow Model of the run (see :mod:`pipeline.mlflow_model`)."""
+    from pipeline import mlflow_model
+
     with_retries(_client(uri).log_artifacts, run_id, str(local_dir), "best_model", what="MLflow best model upload")
+    with_retries(mlflow_model.log_model, uri, run_id, local_dir, attempts=3, what="MLflow Model logging")
 
 
 def register_best(uri: str, run_id: str, scale: int, psnr: float, step: int) -> str | None:
-    """Register ``best_model/`` of the run as a new version of ``dnlan-x{scale}``."""
-    client = _client(uri)
-    name = f"dnlan-x{scale}"
+    """Register the run's MLflow Model as a new version of ``dnlan-x{scale}``; ``champion``
+    follows the best validation PSNR (see :func:`pipeline.mlflow_model.register`)."""
+    from pipeline import mlflow_model
 
-    def _register() -> str:
-        try:
-            client.get_registered_model(name)
-        except Exception:
-            client.create_registered_model(
-                name, description=f"DNLAN x{scale} super-resolution models trained by sr-pipeline"
-            )
-        for existing in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
-            if existing.tags.get("step") == str(step):  # a rerun with nothing new: no duplicate
-                return str(existing.version)
-        artifact_uri = client.get_run(run_id).info.artifact_uri.rstrip("/") + "/best_model"
-        version = client.create_model_version(
-            name,
-            source=artifact_uri,
-            run_id=run_id,
-            tags={"val_psnr": f"{psnr:.4f}", "step": str(step), "scale": str(scale)},
-            description=f"best validation PSNR {psnr:.4f} dB (Y channel) at step {step}",
-        )
-        return str(version.version)
-
-    return with_retries(_register, what="MLflow model registration")
+    return with_retries(mlflow_model.register, uri, run_id, scale, psnr, step, what="MLflow model registration")
 
 
 def git_commit() -> str:
@@ -313,17 +297,14 @@ class MetricLogger:
             self._journal([{"kind": "params", "params": safe_params(params)}])
         self._sender.put("params", dict(params))
 
-    def start_system_metrics(self, interval: float = 10.0) -> None:
-        """CPU/memory/disk/network (and GPU when pynvml is present) as ``system/*`` metrics."""
-        if not self.enabled:
-            return
-        try:
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    def start_system_metrics(self) -> None:
+        """This node's system metrics (CPU, memory, disk, network; GPU where NVML works), keyed
+        by node id. Called on every rank: the first worker on each node runs the monitor
+        (:mod:`pipeline.train.sysmetrics`), so multi-node jobs report every node, not rank 0's."""
+        from pipeline.train import sysmetrics
 
-            self._system = SystemMetricsMonitor(
-                self.run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self.uri
-            )
-            self._system.start()
+        try:
+            self._system = sysmetrics.start(self.uri, self.run_id)
         except Exception as exc:  # psutil missing or the like: training goes on without them
             console.warn(f"system metrics are off: {exc}")
             self._system = None
@@ -332,7 +313,7 @@ class MetricLogger:
         """Send what is queued, waiting at most ``drain_s``; write down what was not sent."""
         if self._system is not None:
             try:  # its last flush talks to MLflow: bounded like the rest
-                sender.bounded(self._system.finish, 10.0)
+                sender.bounded(self._system.stop, 10.0)
             except Exception:
                 pass
             self._system = None
