@@ -87,9 +87,10 @@ def build_upscaler(checkpoint: Path, settings: dict[str, Any]) -> tuple[Any, int
 
 def upscale_array(upscaler: Any, scale: int, lr: np.ndarray) -> np.ndarray:
     """One HxWx3 uint8 image through ``upscale``'s per-image function."""
-    from pipeline.evaluate.photos import UserImage, upscale_image
+    from pipeline.evaluate.photo_io import Photo
+    from pipeline.evaluate.photos import upscale_image
 
-    return upscale_image(UserImage(Path("<request>"), lr, None), upscaler, scale)
+    return upscale_image(Photo(Path("<request>"), lr, None), upscaler, scale)
 
 
 def _bad_request(message: str) -> Exception:

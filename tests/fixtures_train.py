@@ -195,10 +195,13 @@ def valid_pairs(shards: Path, scale: int) -> list[tuple[str, np.ndarray, np.ndar
             for member in tar.getmembers():
                 key, _, kind = member.name.partition(".")
                 members.setdefault(key, {})[kind] = tar.extractfile(member).read()
+        def image(files: dict[str, bytes], name: str) -> np.ndarray:  # raw (.npy) or PNG member
+            if f"{name}.npy" in files:
+                return np.lib.format.read_array(io.BytesIO(files[f"{name}.npy"]), allow_pickle=False)
+            return np.asarray(Image.open(io.BytesIO(files[f"{name}.png"])).convert("RGB"))
+
         for key, files in members.items():
-            lr = np.asarray(Image.open(io.BytesIO(files[f"lr_x{scale}.png"])).convert("RGB"))
-            hr = np.asarray(Image.open(io.BytesIO(files["hr.png"])).convert("RGB"))
-            pairs.append((key, lr, hr))
+            pairs.append((key, image(files, f"lr_x{scale}"), image(files, "hr")))
     return pairs
 
 

@@ -2,7 +2,7 @@
 `mlflow models serve` on loopback, `evaluate --model-uri`, one-line errors.
 
 The registered models are built the way `train` builds them (best_model/ written by the loop's
-write_best, uploaded by the launcher's read_best, registered by register_best) from tiny random
+write_best, uploaded by sync.upload_best, registered by register_best) from tiny random
 models, on the real MLflow server fixture, without a Ray training run.
 """
 
@@ -33,13 +33,14 @@ def _train_like_run(uri: str, root: Path, seed: int, psnr: float, step: int) -> 
 
     from pipeline.model import build_model
     from pipeline.train import checkpoint, tracking
-    from pipeline.train.launcher import read_best
+    from pipeline.train.sync import upload_best
 
     run_id, _ = tracking.open_run(uri, "model-registry-test", f"tiny-{seed}", str(root / f"run{seed}"))
     torch.manual_seed(seed)
     run_dir = str(root / f"run{seed}")
     checkpoint.write_best(run_dir, build_model("tiny", 2), psnr, step, 1, run_id)
-    assert read_best(uri, run_id, run_dir)["step"] == step
+    assert upload_best(uri, run_id, run_dir)  # what the end of a training run does
+    assert checkpoint.read_best_meta(run_dir)["step"] == step
     version = tracking.register_best(uri, run_id, 2, psnr, step)
     assert version is not None
     assert tracking.register_best(uri, run_id, 2, psnr, step) == version  # rerun: no duplicate
