@@ -98,3 +98,30 @@ def test_train_reads_its_shards_from_s3(s3_server, tmp_path):
     run = MlflowClient(defaults.default_tracking_uri()).get_run(proc.stdout.strip().splitlines()[-1])
     assert run.info.status == "FINISHED" and "val/psnr" in run.data.metrics
     assert s3_server.secret not in json.dumps(run.data.params)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_two_node_job_reads_its_shards_from_s3(ray_cluster, mlflow_server, s3_server, tmp_path):
+    """Two Ray nodes stream the shards from the bucket with the key and endpoint in THEIR OWN
+    environment (the fixture cluster's): the launcher forwards neither, so the job can only
+    finish if each node's credentials are used; the secret never reaches the output or MLflow."""
+    from fixtures_train import cluster_args, tiny_args
+    from helpers import run_cli
+    from mlflow.tracking import MlflowClient
+
+    assert ray_cluster.node_env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret
+    local = write_shards(tmp_path / "s", {"train": [7, 6, 5], "valid": [2]}, encoding="raw", hr_size=(48, 48))
+    url = s3_server.upload(local, "two-nodes")  # plain s3://bucket/prefix: endpoint from the env
+    args = tiny_args(url, tmp_path / "store", epochs=1, iters=4,
+                     extra=(*cluster_args(ray_cluster, mlflow_server.uri), "--experiment", "train-s3-cluster",
+                            "--run-name", "s3-two-nodes"))
+    proc = run_cli(*args, env=s3_server.env, timeout=300)  # the driver's own preflight reads it too
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s3_server.secret not in proc.stderr + proc.stdout
+    run = MlflowClient(mlflow_server.uri).get_run(proc.stdout.strip().splitlines()[-1])
+    assert run.info.status == "FINISHED" and "val/psnr" in run.data.metrics
+    tags, params = run.data.tags, run.data.params
+    assert tags["sr.nodes_used"] == "2" and tags["sr.world_size"] == "2", tags
+    assert params["data.train_shards"] == "3" and params["shards"] == url, params
+    assert s3_server.secret not in json.dumps(params) + json.dumps(tags)
