@@ -58,6 +58,7 @@ class RayCluster:
     dashboard_url: str
     temp_dir: Path
     procs: list[subprocess.Popen]
+    node_env: dict[str, str]  # what every node has in its own environment beyond the suite's
 
 
 def _wait_for_nodes(address: str, count: int, timeout: float) -> None:
@@ -72,16 +73,28 @@ def _wait_for_nodes(address: str, count: int, timeout: float) -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=timeout + 60)
 
 
+def _node_s3_env(request: pytest.FixtureRequest) -> dict[str, str]:
+    """The S3 fixture server's variables (key, endpoint), as a real node has its own: the
+    launcher never forwards the driver's credentials, so a job reading ``s3://`` works on the
+    cluster only through these. {} where moto is not installed (the S3 tests skip then)."""
+    try:
+        return dict(request.getfixturevalue("s3_server").env)
+    except pytest.skip.Exception:
+        return {}
+
+
 @pytest.fixture(scope="session")
-def ray_cluster() -> Iterator[RayCluster]:
+def ray_cluster(request: pytest.FixtureRequest) -> Iterator[RayCluster]:
     """A real local Ray cluster: a head and a second node joined with `ray start --address`.
 
-    Each node has 1 CPU. Yields the address; both nodes are stopped afterwards, even when the
-    test failed or the fixture itself failed half-way.
+    Each node has 1 CPU and the S3 fixture server's credentials in its environment. Yields the
+    address; both nodes are stopped afterwards, even when the test failed or the fixture itself
+    failed half-way.
     """
+    node_env = _node_s3_env(request)  # started first, so it outlives the nodes
     temp_dir = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths
     port, dash_port = free_port(), free_port()
-    env = dict(os.environ, RAY_TMPDIR=str(temp_dir))
+    env = dict(os.environ, RAY_TMPDIR=str(temp_dir), **node_env)
     common = ["--num-cpus=1", "--object-store-memory=150000000", "--block"]
     procs: list[subprocess.Popen] = []
     logs = []
@@ -107,7 +120,7 @@ def ray_cluster() -> Iterator[RayCluster]:
             )
         )
         _wait_for_nodes(address, 2, timeout=90)
-        yield RayCluster(address, f"http://127.0.0.1:{dash_port}", temp_dir, procs)
+        yield RayCluster(address, f"http://127.0.0.1:{dash_port}", temp_dir, procs, node_env)
     finally:
         for proc in reversed(procs):
             stop_session(proc)

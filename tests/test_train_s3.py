@@ -1,5 +1,6 @@
 """Training data read from object storage: a real S3-API server on 127.0.0.1 (moto, with
-authentication enforced), shards streamed in place (ranged reads, no local copy)."""
+authentication enforced: tests/fixtures_s3.py), shards streamed in place (ranged reads, no
+local copy)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,6 @@ import json
 
 import pytest
 import torch
-from fixtures_s3_read import s3_server  # noqa: F401 - fixture
 from fixtures_shards_read import train_entries, write_shards
 from helpers import free_port
 
@@ -21,10 +21,10 @@ def _cfg(shards: str) -> TrainConfig:
     return load_config(TrainConfig, preset="tiny", overrides={"shards": shards, "patch_size": 12})
 
 
-def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeypatch):  # noqa: F811
+def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeypatch):
     local = write_shards(tmp_path / "s", {"train": [6, 5, 7], "valid": [3]}, encoding="raw")
-    url = s3_server.upload(local, "sr-data", "div2k/raw")
-    for k, v in s3_server.env().items():
+    url = s3_server.upload(local, "div2k/raw", bucket="sr-data", endpoint_in_url=True)
+    for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     cache = tmp_path / "index-cache"
     monkeypatch.setenv("SR_PIPELINE_INDEX_CACHE", str(cache))
@@ -46,9 +46,9 @@ def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeyp
     assert datasource.node_data_problems(job.train_shards) == []
 
 
-def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monkeypatch):  # noqa: F811
+def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monkeypatch):
     local = write_shards(tmp_path / "s", {"train": [2], "valid": [1]}, encoding="raw")
-    url = s3_server.upload(local, "sr-bad", "x")
+    url = s3_server.upload(local, "x", bucket="sr-bad", endpoint_in_url=True)
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
@@ -58,12 +58,12 @@ def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monk
     with pytest.raises(UserError) as err:
         datasource.resolve_job(_cfg(url))
     problems.append(str(err.value))
-    for k, v in s3_server.env().items():
+    for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
     with pytest.raises(UserError) as err:
-        datasource.resolve_job(_cfg(s3_server.url("no-such-bucket", "x")))
+        datasource.resolve_job(_cfg(s3_server.url("x", bucket="no-such-bucket", endpoint_in_url=True)))
     problems.append(str(err.value))
-    dead = s3_server.url("sr-bad", "x").replace(s3_server.endpoint, f"127.0.0.1:{free_port()}")
+    dead = s3_server.url("x", bucket="sr-bad", endpoint_in_url=True).replace(s3_server.host, f"127.0.0.1:{free_port()}")
     with pytest.raises(UserError) as err:
         datasource.resolve_job(_cfg(dead))
     problems.append(str(err.value))
@@ -78,7 +78,7 @@ def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monk
 
 
 @pytest.mark.slow
-def test_train_reads_its_shards_from_s3(s3_server, tmp_path):  # noqa: F811
+def test_train_reads_its_shards_from_s3(s3_server, tmp_path):
     """The product path: `sr-pipeline train --shards s3://...` on a local Ray instance; the
     preflight probe and both DDP workers (with a loader process each) read the bucket."""
     from fixtures_train import tiny_args
@@ -88,13 +88,40 @@ def test_train_reads_its_shards_from_s3(s3_server, tmp_path):  # noqa: F811
     from pipeline import defaults
 
     local = write_shards(tmp_path / "s", {"train": [7, 6, 5], "valid": [2]}, encoding="raw", hr_size=(48, 48))
-    url = s3_server.upload(local, "sr-train", "div2k")
+    url = s3_server.upload(local, "div2k", bucket="sr-train", endpoint_in_url=True)
     args = tiny_args(url, tmp_path / "store", epochs=1, iters=4,
                      extra=("--cpus-per-worker", "1", "--loader-workers", "1", "--run-name", "from-s3",
                             "--experiment", "train-s3"))
-    proc = run_cli(*args, env={**s3_server.env(), "SR_PIPELINE_INDEX_CACHE": str(tmp_path / "idx")}, timeout=300)
+    proc = run_cli(*args, env={**s3_server.env, "SR_PIPELINE_INDEX_CACHE": str(tmp_path / "idx")}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert s3_server.secret not in proc.stderr + proc.stdout
     run = MlflowClient(defaults.default_tracking_uri()).get_run(proc.stdout.strip().splitlines()[-1])
     assert run.info.status == "FINISHED" and "val/psnr" in run.data.metrics
     assert s3_server.secret not in json.dumps(run.data.params)
+
+
+@pytest.mark.slow
+@pytest.mark.cluster
+def test_two_node_job_reads_its_shards_from_s3(ray_cluster, mlflow_server, s3_server, tmp_path):
+    """Two Ray nodes stream the shards from the bucket with the key and endpoint in THEIR OWN
+    environment (the fixture cluster's): the launcher forwards neither, so the job can only
+    finish if each node's credentials are used; the secret never reaches the output or MLflow."""
+    from fixtures_train import cluster_args, tiny_args
+    from helpers import run_cli
+    from mlflow.tracking import MlflowClient
+
+    assert ray_cluster.node_env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret
+    local = write_shards(tmp_path / "s", {"train": [7, 6, 5], "valid": [2]}, encoding="raw", hr_size=(48, 48))
+    url = s3_server.upload(local, "two-nodes")  # plain s3://bucket/prefix: endpoint from the env
+    args = tiny_args(url, tmp_path / "store", epochs=1, iters=4,
+                     extra=(*cluster_args(ray_cluster, mlflow_server.uri), "--experiment", "train-s3-cluster",
+                            "--run-name", "s3-two-nodes"))
+    proc = run_cli(*args, env=s3_server.env, timeout=300)  # the driver's own preflight reads it too
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert s3_server.secret not in proc.stderr + proc.stdout
+    run = MlflowClient(mlflow_server.uri).get_run(proc.stdout.strip().splitlines()[-1])
+    assert run.info.status == "FINISHED" and "val/psnr" in run.data.metrics
+    tags, params = run.data.tags, run.data.params
+    assert tags["sr.nodes_used"] == "2" and tags["sr.world_size"] == "2", tags
+    assert params["data.train_shards"] == "3" and params["shards"] == url, params
+    assert s3_server.secret not in json.dumps(params) + json.dumps(tags)
