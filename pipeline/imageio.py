@@ -118,8 +118,8 @@ def _low_byte_rawmode(rawmode: str | None) -> str | None:
     return f"{m.group(1)};16{'L' if order == 'B' else 'B'}"
 
 
-def _exact_wide_rgb(path: Path, high: np.ndarray, low_rawmode: str) -> np.ndarray | None:
-    """HxWx3 uint8 of a 48/64-bit colour image, rounded from all 16 bits.
+def wide_samples(path: Path, high: np.ndarray, low_rawmode: str) -> np.ndarray | None:
+    """All 16 bits (uint16, the layout of ``high``) of a 48/64-bit colour image.
 
     Pillow decodes such files to 8 bits by keeping the high byte (floor(v / 256), up to one level
     below round(v * 255 / 65535), which 16-bit grey gets). Decoding the file a second time with
@@ -141,8 +141,13 @@ def _exact_wide_rgb(path: Path, high: np.ndarray, low_rawmode: str) -> np.ndarra
         return None
     if low.shape != high.shape:
         return None
-    full = high.astype(np.uint16) << 8 | low.astype(np.uint16)
-    return scale16(full[..., :3])
+    return high.astype(np.uint16) << 8 | low.astype(np.uint16)
+
+
+def _exact_wide_rgb(path: Path, high: np.ndarray, low_rawmode: str) -> np.ndarray | None:
+    """HxWx3 uint8 of a 48/64-bit colour image, rounded from all 16 bits (see wide_samples)."""
+    full = wide_samples(path, high, low_rawmode)
+    return None if full is None else scale16(full[..., :3])
 
 
 def _swap_args(args, rawmode: str):

@@ -102,28 +102,12 @@ def _exif_warnings(path: Path, state: dict):
 
 def _wide_rgb16(path: Path, img, rawmode: str | None) -> np.ndarray | None:
     """All 16 bits of a 48/64-bit colour PNG (Pillow keeps only the high byte), or None."""
-    from PIL import Image
-
-    from pipeline.imageio import _low_byte_rawmode, _swap_args
+    from pipeline.imageio import _low_byte_rawmode, wide_samples
 
     low_mode = _low_byte_rawmode(rawmode) if img.mode in ("RGB", "RGBA") else None
     if low_mode is None:
         return None
-    high = np.asarray(img, dtype=np.uint8)
-    try:
-        with Image.open(path) as again:
-            again.tile = [
-                t._replace(args=_swap_args(t[3], low_mode)) if hasattr(t, "_replace")
-                else (t[0], t[1], t[2], _swap_args(t[3], low_mode))
-                for t in again.tile
-            ]  # fmt: skip
-            again.load()
-            low = np.asarray(again, dtype=np.uint8)
-    except (OSError, ValueError, KeyError, SyntaxError):
-        return None
-    if low.shape != high.shape:
-        return None
-    return high.astype(np.uint16) << 8 | low.astype(np.uint16)
+    return wide_samples(path, np.asarray(img, dtype=np.uint8), low_mode)
 
 
 def _split_alpha(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
