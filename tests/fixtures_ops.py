@@ -222,8 +222,12 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     page.set_default_timeout(timeout_ms)
     saved = []
     # MLflow's one-time guidance popovers ("Got it") are modal: they hide the page from role
-    # queries until dismissed, as a user would on a first visit.
-    page.add_locator_handler(page.get_by_role("button", name="Got it", exact=True), lambda b: b.click())
+    # queries until dismissed, as a user would on a first visit. They animate in and re-render,
+    # so a plain click can wait on an unstable or detached button and raise inside Playwright's
+    # handler; _dismiss_popovers never raises, and the handler runs again while one is shown.
+    page.add_locator_handler(
+        page.get_by_role("button", name="Got it", exact=True), _dismiss_popovers, no_wait_after=True
+    )
 
     def shot(name: str) -> None:
         path = shots / f"{name}.png"
@@ -250,19 +254,25 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     print(f"experiment link landed on {landing}")
     if "/runs" not in landing:
         page.goto(f"{base_url}/#/experiments/{run.experiment_id}/runs")
+    # `expect` has its own 5 s default, too short on a loaded 2-core machine: pass the timeout.
     run_link = page.get_by_role("link", name=run.run_name, exact=True)
-    expect(run_link).to_be_visible()
+    expect(run_link).to_be_visible(timeout=timeout_ms)
+    expect(run_link).to_have_attribute("href", re.compile(rf"/runs/{run.run_id}\b"), timeout=timeout_ms)
     shot("1-runs")
-    run_link.click()
+    # The link's target is checked above; open it by URL rather than by a click that a
+    # re-rendering table or a popover can swallow.
+    page.goto(f"{base_url}/#/experiments/{run.experiment_id}/runs/{run.run_id}")
     page.wait_for_url(f"**/runs/{run.run_id}**")
 
     # 3. The run's overview lists val/psnr with its latest value.
     row = page.get_by_role("row").filter(has_text="val/psnr")
-    expect(row).to_have_count(1)
+    expect(row).to_have_count(1, timeout=timeout_ms)
     shown = [float(x) for x in re.findall(r"\d+\.?\d*", row.inner_text().replace("val/psnr", ""))]
     assert any(abs(x - run.psnr[-1]) < 0.01 for x in shown), (row.inner_text(), run.psnr[-1])
     if run.registered_model:  # the version registered from this run, linked from its page
-        expect(page.get_by_role("link", name=re.compile(re.escape(run.registered_model))).first).to_be_visible()
+        expect(page.get_by_role("link", name=re.compile(re.escape(run.registered_model))).first).to_be_visible(
+            timeout=timeout_ms
+        )
     shot("2-run-overview")
 
     # 4. Model metrics: a rendered chart whose legend names the run and the metric.
@@ -270,8 +280,8 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     # A real run has many metric sections (train/, val/, eval/...), some collapsed: search for
     # the metric like a user would, which shows its chart alone.
     page.get_by_placeholder("Search metric charts").fill("val/psnr")
-    expect(page.get_by_text(f"{run.run_name} (val/psnr)")).to_be_visible()
-    expect(page.locator(".js-plotly-plot").first).to_be_visible()
+    expect(page.get_by_text(f"{run.run_name} (val/psnr)")).to_be_visible(timeout=timeout_ms)
+    expect(page.locator(".js-plotly-plot").first).to_be_visible(timeout=timeout_ms)
     shot("3-val-psnr-chart")
 
     # 5. Artifacts: the comparison image under validation/ is displayed (decoded by the browser).
@@ -286,6 +296,21 @@ def browse_run(page, base_url: str, run: LoggedRun, shots: Path, timeout_ms: int
     )
     shot("4-comparison-artifact")
     return saved
+
+
+def _dismiss_popovers(button) -> None:
+    """Click every shown "Got it" button without letting an error escape: a popover that is
+    still animating, or re-rendered under the click, is simply dismissed on the next call."""
+    from playwright.sync_api import Error as PlaywrightError
+
+    try:
+        for i in range(button.count()):
+            button.nth(i).click(force=True, timeout=2_000, no_wait_after=True)
+    except PlaywrightError:
+        try:
+            button.page.keyboard.press("Escape")
+        except PlaywrightError:
+            pass
 
 
 def _close_assistant(page) -> None:
