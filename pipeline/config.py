@@ -170,6 +170,8 @@ class TrainConfig:
     # scaling (Ray Train ScalingConfig)
     workers: int = 1  # DDP workers; with workers_max, the minimum of an elastic range
     workers_max: int = 0  # > workers: elastic, between workers and workers_max (`--workers 4-8`)
+    # elastic: how often a healthy worker group looks for room to grow (Ray's resize monitor)
+    elastic_check_s: float = 60.0
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
     use_gpu: Literal["auto", "yes", "no"] = "auto"
@@ -227,6 +229,8 @@ class TrainConfig:
             raise ConfigError("cpus_per_worker and gpus_per_worker must be >= 0")
         if self.workers_max and self.workers_max < self.workers:
             raise ConfigError(f"workers_max ({self.workers_max}) must be >= workers ({self.workers}), or 0 (fixed)")
+        if self.elastic_check_s <= 0:
+            raise ConfigError(f"elastic_check_s must be > 0 seconds, got {self.elastic_check_s}")
         if self.tracking_drain_s < 0:
             raise ConfigError(f"tracking_drain_s must be >= 0, got {self.tracking_drain_s}")
         if self.max_failures < -1:

@@ -62,6 +62,24 @@ def test_resumed_logger_sends_each_step_once_and_the_journal_says_what_was_logge
     assert sync.replay(run_dir, uri, run_id).metric_points == 0
 
 
+def test_the_worker_count_is_logged_at_the_first_new_step_of_each_worker_group(mlflow_server, tmp_path, monkeypatch):
+    uri, run_dir = mlflow_server.uri, str(tmp_path / "run")
+    run_id = _run(uri, "workers")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    first = MetricLogger(uri, run_id, enabled=True, run_dir=run_dir, drain_s=30)
+    for step in range(2, 12, 2):
+        first.log({"train/loss": 1.0 / step}, step)
+    first.close()
+    # an elastic group of 2 resumes from the checkpoint at step 6: steps 8-10 repeat, 12 is new
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    second = MetricLogger(uri, run_id, enabled=True, run_dir=run_dir, drain_s=30)
+    for step in range(8, 16, 2):
+        second.log({"train/loss": 1.0 / step}, step)
+    second.close()
+    assert _history(uri, run_id, "train/workers") == [(2, 3.0), (12, 2.0)]
+    assert [s for s, _ in _history(uri, run_id, "train/loss")] == list(range(2, 16, 2))
+
+
 def test_a_closed_port_costs_nothing_and_sync_replays_everything_later(mlflow_server, tmp_path, capsys, monkeypatch):
     """The run exists on the real server; the workers only ever see a port nobody listens on
     (the server "away"); afterwards `sync` against the real server completes the run."""

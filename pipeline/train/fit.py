@@ -41,7 +41,7 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
     """
     import threading
 
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipeline.train.loop import train_loop_per_worker
@@ -53,7 +53,7 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "job": dataclasses.asdict(job)},
         torch_config=TorchConfig(backend=backend, timeout_s=cfg.dist_timeout_s),
-        scaling_config=ScalingConfig(num_workers=workers_spec(cfg), use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=scaling_config(cfg, use_gpu, resources),
         run_config=RunConfig(
             name=run_name,
             storage_path=storage_path,
@@ -95,12 +95,22 @@ def fit(cfg: TrainConfig, job: JobSpec, run_name: str, storage_path: str, use_gp
     return result
 
 
+def scaling_config(cfg: TrainConfig, use_gpu: bool, resources: dict[str, float]):
+    """Ray Train's ScalingConfig; an elastic group checks for room to grow every ``elastic_check_s``."""
+    from ray.train import ScalingConfig
+
+    extra = {}
+    if isinstance(workers_spec(cfg), tuple):
+        extra["elastic_resize_monitor_interval_s"] = float(cfg.elastic_check_s)
+    return ScalingConfig(num_workers=workers_spec(cfg), use_gpu=use_gpu, resources_per_worker=resources, **extra)
+
+
 def workers_spec(cfg: TrainConfig) -> int | tuple[int, int]:
     """Ray Train's ``num_workers``: a (min, max) pair makes the worker group elastic.
 
     Elastic: Ray Train starts with as many workers as the cluster holds (at least min), and
     after a worker group fails (a node left) restarts with as many as are left, from the last
-    checkpoint; while healthy it looks for room to grow every minute. The global batch stays
+    checkpoint; while healthy it looks for room to grow every ``elastic_check_s`` (a minute). The global batch stays
     ``batch_size`` whatever the world size (each rank takes its share, see the loop).
     """
     return (cfg.workers, cfg.workers_max) if cfg.workers_max > cfg.workers else cfg.workers

@@ -256,9 +256,11 @@ class MetricLogger:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        if not self._world_logged and os.environ.get("WORLD_SIZE", "").isdigit():
+        fresh = any((k, step) not in self.seen for k in metrics)
+        if not self._world_logged and fresh and os.environ.get("WORLD_SIZE", "").isdigit():
             # The worker count over time (elastic jobs resize, restarts may too): one point at
-            # the first step each worker group logs.
+            # the first step each worker group logs anew (a restarted group first repeats steps
+            # the journal already holds; those are skipped, and its count waits for a new one).
             metrics = {**metrics, "train/workers": float(os.environ["WORLD_SIZE"])}
             self._world_logged = True
         batch = [
