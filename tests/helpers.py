@@ -95,6 +95,22 @@ def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait(10)
 
 
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a session started with start_new_session=True, all of it at once: a machine
+    that goes away (no SIGTERM first, so nothing in it gets to act on a shutdown)."""
+    for _ in range(3):
+        survivors = _session_pids(proc.pid)
+        if not survivors:
+            break
+        for pid in survivors:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.3)
+    proc.wait(10)
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = False):
     """Run the installed `sr-pipeline` console script for real (a separate process)."""
     proc = subprocess.run(

@@ -2,8 +2,8 @@
 
 A third node joins the session's two-node cluster for this test only, and the test waits until
 all three CPUs are free (earlier tests' workers gone), so the job starts with a worker on each
-node. Then the third node is stopped (its raylet and workers killed, as when a machine goes
-away): the job goes on with two workers, in the same run, from its last checkpoint, at the
+node. Then the third node is killed at once (SIGKILL to its raylet and workers, as when a machine
+goes away): the job goes on with two workers, in the same run, from its last checkpoint, at the
 same global batch. The node comes back: within the resize check (`elastic_check_s`, 5 s here)
 the job grows to three workers again, from its newest checkpoint. Ctrl-C ends it. MLflow
 records the worker count over time (3, 2, 3), and every step's loss exactly once.
@@ -31,7 +31,7 @@ from fixtures_train import (
     train_shards,  # noqa: F401 - fixture
     wait_for_checkpoint,
 )
-from helpers import BIN, stop_session
+from helpers import BIN, kill_session, stop_session
 
 pytestmark = [pytest.mark.slow, pytest.mark.cluster]
 
@@ -110,7 +110,7 @@ def test_an_elastic_job_shrinks_when_a_node_leaves_and_grows_back_when_it_return
 
         _wait_for_workers(uri, name, [3], proc)  # started with every node
         wait_for_checkpoint(store / name, proc)
-        stop_session(node)  # the third machine goes away
+        kill_session(node)  # the third machine goes away (killed at once, as a lost machine)
         _wait_for_workers(uri, name, [3, 2], proc)  # went on with two, in the same run
         shrunk = len(registered_checkpoints(store / name))
         wait_for_checkpoint(store / name, proc, count=shrunk + 1)  # two workers made progress
