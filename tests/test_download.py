@@ -15,7 +15,7 @@ from fixtures_preprocess import no_proxy_env
 from helpers import run_cli
 
 from pipeline.console import UserError
-from pipeline.preprocess import download as dl
+from pipeline.preprocess import extract as dl
 from pipeline.preprocess.manifest import read_manifest
 
 file_server = fixtures_preprocess.file_server
