@@ -83,7 +83,7 @@ def download(
 ) -> None:
     """Download and safely extract the official datasets (resumes an interrupted download)."""
     from pipeline import defaults
-    from pipeline.preprocess import extract as dl
+    from pipeline.preprocess import download as dl
 
     dl.download(what, Path(dest) if dest else defaults.data_dir(), base_url=url, keep_archive=keep_archive, overwrite=overwrite)
 

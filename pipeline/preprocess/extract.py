@@ -1,191 +1,35 @@
-"""`sr-pipeline download div2k|benchmarks`: fetch the official archives, resume, extract safely.
+"""Safe extraction of a zip or tar archive into a destination folder that may hold user files.
 
-* Official sources by default: the DIV2K HR zips from the DIV2K site, and the ``benchmark.tar``
-  (Set5, Set14, B100, Urban100, Manga109) named in the EDSR-PyTorch README. ``--url BASE`` or
-  ``$SR_PIPELINE_DOWNLOAD_URL`` replaces the base URL (a mirror, or a local server in tests);
-  archive file names stay the same.
-* Downloads go to ``DEST/.downloads/<name>.part`` and resume with an HTTP Range request, both
-  after a dropped connection (retried automatically) and after a new invocation. The only
-  integrity check is the size: the ``.part`` is renamed once it holds exactly the byte count
-  the server announced (Content-Length, or the total of a Content-Range); the official sites
-  publish no checksums, and a server that announces no size is trusted at a clean end of
-  stream. A corrupt archive still fails at extraction, with one line.
-* Extraction never writes outside DEST: every member is checked before anything is written
-  (absolute paths, ``..``, links pointing outside, device files, hard links to anything but an
-  earlier regular file -> the whole archive is refused), files are unpacked into a temporary
-  folder inside DEST, every symbolic link is then resolved on disk (a chain of links that
-  climbs out is refused too), and only then is the tree moved into place. No folder already in
-  DEST is ever deleted or replaced: the archive's tree is merged into it, so the user's own
-  files beside the archive's stay. An existing file that differs from the archive's is kept
-  (with a warning) unless ``--overwrite`` is given, which replaces such files (never folders).
-  A ``DEST/.downloads/<name>.done`` marker records completion so a rerun skips finished
-  archives (``--overwrite`` fetches and extracts them again).
+Extraction never writes outside the destination: every member is checked before anything is
+written (absolute paths, ``..``, links pointing outside, device files, hard links to anything
+but an earlier regular file -> the whole archive is refused), files are unpacked into a
+temporary folder inside the destination, every symbolic link is then resolved on disk (a chain
+of links that climbs out is refused too), and only then is the tree moved into place. No
+folder already there is ever deleted or replaced: the archive's tree is merged into it, so the
+user's own files beside the archive's stay. An existing file that differs from the archive's
+is kept (with a warning) unless ``overwrite`` is given, which replaces such files (never
+folders). A corrupt archive fails with one line.
+
+Separate from :mod:`.http_fetch` (getting the archive) and :mod:`.download` (the command):
+this is the security-relevant part, and it takes any local archive.
 """
 
 from __future__ import annotations
 
-import contextlib
 import filecmp
-import http.client
-import json
 import os
 import re
 import shutil
 import stat
 import tarfile
-import time
-import urllib.error
-import urllib.request
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline import console
 from pipeline.console import UserError
-from pipeline.imageio import atomic_write_bytes
 
-URL_ENV = "SR_PIPELINE_DOWNLOAD_URL"
-OFFICIAL: dict[str, tuple[str, tuple[str, ...]]] = {
-    "div2k": ("https://data.vision.ee.ethz.ch/cvl/DIV2K/", ("DIV2K_train_HR.zip", "DIV2K_valid_HR.zip")),
-    "benchmarks": ("https://cv.snu.ac.kr/research/EDSR/", ("benchmark.tar",)),
-}
-CHUNK = 1 << 20
-ATTEMPTS = 5
-TIMEOUT = 60.0
-
-
-@dataclass
-class _Response:
-    status: int
-    total: int | None  # full size of the file, when the server says
-    start: int  # byte offset the body starts at
-
-
-def _parse_content_range(value: str | None) -> tuple[int, int | None] | None:
-    m = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", value or "")
-    if not m:
-        return None
-    return int(m.group(1)), None if m.group(3) == "*" else int(m.group(3))
-
-
-def _open(url: str, offset: int):
-    req = urllib.request.Request(url, headers={"User-Agent": "sr-pipeline", "Accept-Encoding": "identity"})
-    if offset:
-        req.add_header("Range", f"bytes={offset}-")
-    return urllib.request.urlopen(req, timeout=TIMEOUT)  # noqa: S310 - http(s) URLs only, checked
-
-
-def fetch(url: str, part: Path, label: str) -> Path:
-    """Download `url` into `part` (resuming it), return the part path once its size equals the
-    size the server announced (Content-Length or Content-Range: the only check available)."""
-    if not re.match(r"^https?://", url):
-        raise UserError(f"{url}: only http:// and https:// URLs are supported")
-    part.parent.mkdir(parents=True, exist_ok=True)
-    last_error = ""
-    total: int | None = None
-    for attempt in range(ATTEMPTS):
-        have = part.stat().st_size if part.exists() else 0
-        try:
-            resp = _open(url, have)
-        except urllib.error.HTTPError as exc:
-            if exc.code == 416 and have:  # nothing left to send: complete already, or too long
-                if total is None:
-                    total = _remote_size(url)
-                if total is not None and have == total:
-                    return part
-                part.unlink()
-                continue
-            if exc.code in (500, 502, 503, 504) and attempt + 1 < ATTEMPTS:
-                last_error = f"HTTP {exc.code}"
-                time.sleep(_backoff(attempt))
-                continue
-            raise UserError(f"{url}: HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-            last_error = str(getattr(exc, "reason", exc))
-            if attempt + 1 < ATTEMPTS:
-                time.sleep(_backoff(attempt))
-                continue
-            raise UserError(f"{url}: cannot connect ({last_error})") from None
-        with resp:
-            info = _response_info(resp, have)
-            if info.start != have:  # server ignored the Range header: start over
-                have = 0
-            total = info.total if info.total is not None else total
-            mode = "ab" if have else "wb"
-            lost: BaseException | None = None
-            try:
-                f = open(part, mode)  # noqa: SIM115 - closed below
-            except OSError as exc:
-                raise UserError(f"{part}: cannot write ({exc.strerror})") from None
-            with f, console.progress_bar(
-                f"download {label}", total=(total or 0) // CHUNK or None, unit="MiB"
-            ) as bar:
-                bar.advance(have // CHUNK)
-                got = have
-                while True:
-                    try:
-                        block = resp.read(CHUNK)
-                    except (OSError, http.client.HTTPException) as exc:
-                        lost = exc
-                        break
-                    if not block:
-                        break
-                    try:
-                        f.write(block)
-                    except OSError as exc:
-                        raise UserError(f"{part}: cannot write ({exc.strerror}); rerun to resume") from None
-                    if (got + len(block)) // CHUNK > got // CHUNK:
-                        bar.advance((got + len(block)) // CHUNK - got // CHUNK)
-                    got += len(block)
-        size = part.stat().st_size
-        if total is not None and size == total:
-            return part
-        if total is None and lost is None:  # no announced size: a clean end of stream is all we have
-            return part
-        if total is not None and size > total:
-            part.unlink()
-            last_error = f"received {size} bytes, more than the announced {total}"
-            continue
-        if lost is not None:
-            last_error = f"connection lost at {size} of {total or '?'} bytes ({type(lost).__name__})"
-        else:
-            last_error = f"server closed the connection at {size} of {total} bytes"
-        if attempt + 1 < ATTEMPTS:
-            time.sleep(_backoff(attempt))
-    raise UserError(
-        f"{url}: download incomplete after {ATTEMPTS} attempts ({last_error}); "
-        f"rerun to resume from {part}"
-    )
-
-
-def _backoff(attempt: int) -> float:
-    return min(0.5 * 2**attempt, 8.0)
-
-
-def _response_info(resp, have: int) -> _Response:
-    status = resp.status
-    if status == 206:
-        parsed = _parse_content_range(resp.headers.get("Content-Range"))
-        if parsed is None:
-            raise UserError(f"{resp.url}: bad Content-Range header {resp.headers.get('Content-Range')!r}")
-        return _Response(206, parsed[1], parsed[0])
-    length = resp.headers.get("Content-Length")
-    return _Response(status, int(length) if length and length.isdigit() else None, 0)
-
-
-def _remote_size(url: str) -> int | None:
-    try:
-        req = urllib.request.Request(url, method="HEAD", headers={"User-Agent": "sr-pipeline"})
-        with urllib.request.urlopen(req, timeout=TIMEOUT) as resp:  # noqa: S310
-            length = resp.headers.get("Content-Length")
-            return int(length) if length and length.isdigit() else None
-    except (urllib.error.URLError, OSError, http.client.HTTPException):
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Safe extraction
-# ---------------------------------------------------------------------------------------------
+CHUNK = 1 << 20  # copy buffer for one member
 
 
 def _unsafe(archive: Path, name: str, why: str) -> UserError:
@@ -424,11 +268,11 @@ def safe_extract(archive: Path, dest: Path, overwrite: bool = False) -> list[str
     """
     top, kept, _ = extract(archive, dest, overwrite)
     if kept:
-        console.warn(_kept_message(archive, kept, "extract again with overwrite=True"))
+        console.warn(kept_message(archive, kept, "extract again with overwrite=True"))
     return top
 
 
-def _kept_message(archive: Path, kept: list[Path], how: str) -> str:
+def kept_message(archive: Path, kept: list[Path], how: str) -> str:
     more = f" and {len(kept) - 1} more" if len(kept) > 1 else ""
     return (
         f"kept {len(kept)} existing file(s) that differ from the ones in {archive.name}: {kept[0]}{more} "
@@ -475,60 +319,3 @@ def _check_space(archive: Path, dest: Path, needed: int) -> None:
     free = shutil.disk_usage(dest).free
     if needed > free:
         raise UserError(f"{archive}: needs {needed / 1e9:.2f} GB to extract but {dest} has {free / 1e9:.2f} GB free")
-
-
-# ---------------------------------------------------------------------------------------------
-# The command
-# ---------------------------------------------------------------------------------------------
-
-
-def sources(what: str, base_url: str | None = None) -> list[tuple[str, str]]:
-    """[(archive name, URL)] for a dataset, honouring --url / $SR_PIPELINE_DOWNLOAD_URL."""
-    if what not in OFFICIAL:
-        raise UserError(f"unknown dataset {what!r} (choose from {', '.join(OFFICIAL)})")
-    official, names = OFFICIAL[what]
-    base = base_url or os.environ.get(URL_ENV) or official
-    if not base.endswith("/"):
-        base += "/"
-    return [(name, base + name) for name in names]
-
-
-def download(
-    what: str, dest: Path, base_url: str | None = None, keep_archive: bool = False, overwrite: bool = False
-) -> list[Path]:
-    """Fetch and extract every archive of `what` into `dest`; returns the extracted folders.
-
-    `overwrite` extracts again even when a marker says an archive is done, and replaces
-    existing files that differ from the archive's (folders are still only merged into)."""
-    dest = Path(dest)
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-        cache = dest / ".downloads"
-        cache.mkdir(exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"{dest}: cannot create destination folder ({exc.strerror})") from None
-    created: list[Path] = []
-    for name, url in sources(what, base_url):
-        marker = cache / f"{name}.done"
-        if marker.is_file() and not overwrite:
-            with contextlib.suppress(ValueError, OSError):
-                done = json.loads(marker.read_text())
-                console.info(f"{name}: already downloaded and extracted ({', '.join(done.get('extracted', []))})")
-                created += [dest / n for n in done.get("extracted", [])]
-                continue
-        archive = cache / name
-        if not archive.is_file():
-            part = fetch(url, cache / f"{name}.part", name)
-            os.replace(part, archive)
-        size = archive.stat().st_size
-        top, kept, replaced = extract(archive, dest, overwrite)
-        atomic_write_bytes(marker, json.dumps({"url": url, "bytes": size, "extracted": top}).encode())
-        if kept:
-            console.warn(_kept_message(archive, kept, "rerun with --overwrite"))
-        if replaced:
-            console.info(f"{name}: replaced {len(replaced)} existing file(s) with the archive's versions")
-        if not keep_archive:
-            archive.unlink()
-        console.info(f"{name}: {size / 1e6:.1f} MB, extracted {', '.join(top)} into {dest}")
-        created += [dest / n for n in top]
-    return created
