@@ -60,7 +60,7 @@ from PIL import Image  # noqa: E402
 from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.imageio import decode_png  # noqa: E402
 from pipeline.preprocess import imresize  # noqa: E402
-from pipeline.preprocess.shards import run_preprocess  # noqa: E402
+from pipeline.preprocess.run import run_preprocess  # noqa: E402
 from pipeline.train import data  # noqa: E402
 
 SCALE, PATCH, BATCH = 2, 96, 16

@@ -32,7 +32,8 @@ from PIL import Image  # noqa: E402
 
 from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.preprocess import imresize  # noqa: E402
-from pipeline.preprocess.shards import resolve_jobs, run_preprocess  # noqa: E402
+from pipeline.preprocess.pool import resolve_jobs  # noqa: E402
+from pipeline.preprocess.run import run_preprocess  # noqa: E402
 
 SCALES = (2, 3, 4)
 

@@ -59,7 +59,7 @@ def main() -> None:
     import numpy as np
 
     from pipeline.config import PreprocessConfig
-    from pipeline.preprocess.shards import run_preprocess
+    from pipeline.preprocess.run import run_preprocess
 
     data = Path(args.data)
     sets = {"T91": data / "train" / "T91", "Set14": data / "benchmark" / "Set14" / "HR"}

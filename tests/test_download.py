@@ -16,6 +16,8 @@ from helpers import run_cli
 
 from pipeline.console import UserError
 from pipeline.preprocess import download as dl
+from pipeline.preprocess import http_fetch
+from pipeline.preprocess.extract import safe_extract
 from pipeline.preprocess.manifest import read_manifest
 
 file_server = fixtures_preprocess.file_server
@@ -96,7 +98,7 @@ def test_dropped_connections_are_resumed_with_range(file_server, benchmark_files
 
 def test_size_check_keeps_partial_and_reports(file_server, benchmark_files, tmp_path, monkeypatch):
     data = _tar(file_server.root / "benchmark.tar", benchmark_files)
-    monkeypatch.setattr(dl, "ATTEMPTS", 2)
+    monkeypatch.setattr(http_fetch, "ATTEMPTS", 2)
     file_server.cut_after["benchmark.tar"] = [1000, 1000]
     dest = tmp_path / "data"
     with pytest.raises(UserError, match=r"download incomplete .* 2000 of \d+ bytes.*rerun to resume"):
@@ -250,7 +252,7 @@ def test_symlink_chain_is_refused_by_safe_extract(tmp_path):
     _tar(archive, {"top/f.txt": b"x"}, [_link("top/d1/d2/l2", "../.."), _link("top/l1", "d1/d2/l2/../..")])
     dest = tmp_path / "dest"
     with pytest.raises(UserError, match=r"refused, member 'top/l1' is a symbolic link that resolves outside"):
-        dl.safe_extract(archive, dest)
+        safe_extract(archive, dest)
     assert list(dest.iterdir()) == []
 
 
@@ -298,7 +300,7 @@ def test_overwrite_never_replaces_a_folder_or_writes_through_a_link(tmp_path):
     (dest / "benchmark" / "notes").mkdir(parents=True)  # the user's folder where the archive has a file
     (dest / "benchmark" / "notes" / "mine.txt").write_text("mine")
     with pytest.raises(UserError, match=r"notes: is a folder, but benchmark.tar has a file there"):
-        dl.safe_extract(archive, dest, overwrite=True)
+        safe_extract(archive, dest, overwrite=True)
     assert (dest / "benchmark" / "notes" / "mine.txt").read_text() == "mine"
     assert not (dest / "benchmark" / "Set5").exists()  # nothing moved before the refusal
     # a file the user replaced by a link: overwrite swaps the link itself, its target is untouched
@@ -306,9 +308,9 @@ def test_overwrite_never_replaces_a_folder_or_writes_through_a_link(tmp_path):
     elsewhere = tmp_path / "elsewhere.txt"
     elsewhere.write_text("not in dest")
     (dest / "benchmark" / "notes").symlink_to(elsewhere)
-    assert dl.safe_extract(archive, dest) == ["benchmark"]  # without overwrite the link is kept
+    assert safe_extract(archive, dest) == ["benchmark"]  # without overwrite the link is kept
     assert (dest / "benchmark" / "notes").is_symlink()
-    dl.safe_extract(archive, dest, overwrite=True)
+    safe_extract(archive, dest, overwrite=True)
     assert not (dest / "benchmark" / "notes").is_symlink()
     assert (dest / "benchmark" / "notes").read_bytes() == b"archive file"
     assert elsewhere.read_text() == "not in dest"
@@ -321,7 +323,7 @@ def test_clash_of_kinds_refuses_before_moving_anything(tmp_path):
     (dest / "benchmark").mkdir(parents=True)
     (dest / "benchmark" / "Set5").write_text("a file where the archive has a folder")
     with pytest.raises(UserError, match=r"Set5: exists and is not a folder.*nothing was extracted"):
-        dl.safe_extract(archive, dest)
+        safe_extract(archive, dest)
     assert (dest / "benchmark" / "Set5").read_text() == "a file where the archive has a folder"
     assert sorted(p.name for p in (dest / "benchmark").iterdir()) == ["Set5"]  # Set14 not moved in either
     assert sorted(p.name for p in dest.iterdir()) == ["benchmark"]
@@ -331,7 +333,7 @@ def test_clash_of_kinds_refuses_before_moving_anything(tmp_path):
     (dest / "benchmark" / "Set5").unlink()
     (dest / "benchmark" / "Set5").symlink_to(outside)
     with pytest.raises(UserError, match="is a symbolic link; refusing to extract"):
-        dl.safe_extract(archive, dest)
+        safe_extract(archive, dest)
     assert list(outside.iterdir()) == []
 
 
@@ -339,6 +341,6 @@ def test_extracting_twice_is_idempotent(tmp_path):
     archive = tmp_path / "benchmark.tar"
     _tar(archive, {"benchmark/Set5/HR/a.png": b"x"}, [_link("benchmark/alias", "Set5")])
     dest = tmp_path / "dest"
-    assert dl.safe_extract(archive, dest) == ["benchmark"]
-    assert dl.safe_extract(archive, dest) == ["benchmark"]  # identical files and links: nothing to say
+    assert safe_extract(archive, dest) == ["benchmark"]
+    assert safe_extract(archive, dest) == ["benchmark"]  # identical files and links: nothing to say
     assert (dest / "benchmark" / "alias" / "HR" / "a.png").read_bytes() == b"x"

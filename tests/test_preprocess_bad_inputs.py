@@ -23,7 +23,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
 from pipeline.preprocess import tarwriter
 from pipeline.preprocess.manifest import read_manifest, shard_paths
-from pipeline.preprocess.shards import run_preprocess
+from pipeline.preprocess.run import run_preprocess
 
 t91_small = fixtures_preprocess.t91_small
 

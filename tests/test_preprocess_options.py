@@ -19,7 +19,7 @@ from pipeline.config import ConfigError, PreprocessConfig
 from pipeline.console import UserError
 from pipeline.preprocess import encoding
 from pipeline.preprocess import manifest as mf
-from pipeline.preprocess.shards import run_preprocess
+from pipeline.preprocess.run import run_preprocess
 
 t91_small = fixtures_preprocess.t91_small
 REPO = Path(__file__).resolve().parents[1]
@@ -136,7 +136,7 @@ def test_api_call_without_main_guard_says_so(tmp_path, set5_dir):
     script = tmp_path / "noguard.py"
     script.write_text(
         "from pipeline.config import PreprocessConfig\n"
-        "from pipeline.preprocess.shards import run_preprocess\n"
+        "from pipeline.preprocess.run import run_preprocess\n"
         f"run_preprocess(PreprocessConfig(images={str(set5_dir)!r}, out={str(tmp_path / 'out')!r}, "
         "crop=48, step=24, jobs=1))\n"
     )

@@ -13,7 +13,7 @@ from helpers import free_port, run_cli
 from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
 from pipeline.preprocess import manifest as mf
-from pipeline.preprocess.shards import run_preprocess
+from pipeline.preprocess.run import run_preprocess
 
 t91_small = fixtures_preprocess.t91_small
 

@@ -26,7 +26,7 @@ from pipeline.config import PreprocessConfig
 from pipeline.console import UserError
 from pipeline.preprocess import imresize
 from pipeline.preprocess.manifest import read_manifest, shard_paths, verify_shards
-from pipeline.preprocess.shards import run_preprocess
+from pipeline.preprocess.run import run_preprocess
 from pipeline.preprocess.subimages import crop_positions, key_stems, modcrop, sample_boxes
 
 t91_small = fixtures_preprocess.t91_small

@@ -41,10 +41,10 @@ def preprocess(
     A finished dataset in --out made with other settings is only replaced with --force.
     """
     from pipeline import defaults
-    from pipeline.preprocess import shards
+    from pipeline.preprocess import run as preprocess_run
 
     if verify:
-        shards.verify(out or defaults.data_dir() / "shards")
+        preprocess_run.verify(out or defaults.data_dir() / "shards")
         return
     overrides = {
         "data_dir": data_dir, "images": images, "valid_images": valid_images, "holdout": holdout,
@@ -67,7 +67,7 @@ def preprocess(
     if not cfg.out:
         cfg.out = str(defaults.data_dir() / "shards")
     try:
-        shards.run_preprocess(cfg, force=force)
+        preprocess_run.run_preprocess(cfg, force=force)
     except KeyboardInterrupt:
         # run_preprocess has already said what is kept and how to resume: exit with Ctrl-C's
         # usual code without the CLI's generic "interrupted" line after it.
