@@ -77,6 +77,27 @@ def test_object_store_problems_are_one_line_before_ray(s3_server, tmp_path, monk
     assert problems[2].startswith("cannot read the shard manifest s3://sr-bad/x/manifest.json: ")
 
 
+def test_a_node_without_the_stores_settings_is_told_they_are_its_own(s3_server, tmp_path, monkeypatch):
+    """Preflight's probe as it runs on a node: with the settings it reads the store; without
+    them its one line says the node's own variables are missing (the driver's are not sent)."""
+    from pipeline.train.preflight import _probe_node
+
+    local = tmp_path / "store"
+    local.mkdir()
+    (local / "token").write_text("t0k3n")
+    url = s3_server.upload(local, "probe")
+    checks = {"token_path": f"{url}/token", "token": "t0k3n", "storage": url, "files": [], "tracking_uri": None}
+    for k, v in s3_server.env.items():
+        monkeypatch.setenv(k, v)
+    assert _probe_node(checks)["errors"] == []
+    for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(k)
+    errors = _probe_node(checks)["errors"]
+    assert len(errors) == 1 and errors[0].startswith(f"storage {url} is not visible ("), errors
+    assert "this node reads s3:// with its own settings" in errors[0] and "AWS_ENDPOINT_URL_S3" in errors[0]
+    assert s3_server.secret not in errors[0] and "\n" not in errors[0]
+
+
 @pytest.mark.slow
 def test_train_reads_its_shards_from_s3(s3_server, tmp_path):
     """The product path: `sr-pipeline train --shards s3://...` on a local Ray instance; the

@@ -31,12 +31,14 @@ def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
             if f.read().decode() != token:
                 out["errors"].append(f"storage {checks['storage']} holds a different probe file (not the same storage)")
     except Exception as exc:
-        out["errors"].append(f"storage {checks['storage']} is not visible ({type(exc).__name__}: {' '.join(str(exc).split())[:150]})")
+        out["errors"].append(f"storage {checks['storage']} is not visible ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:150]}){object_store_hint(token_path)}")
     from pipeline.train.datasource import node_data_problems
 
     problems = node_data_problems(checks["files"])  # sizes against the manifest, not only existence
     if problems:
-        out["errors"].append(f"{len(problems)} data problem(s), e.g. {problems[0]}")
+        remote = next((f for f in checks["files"] if storage.is_uri(f)), "")
+        out["errors"].append(f"{len(problems)} data problem(s), e.g. {problems[0]}{object_store_hint(remote)}")
     uri = checks.get("tracking_uri")
     if uri and uri.startswith(("http://", "https://")):
         # An authenticated API call with THIS node's credentials (as rank 0 will make them).
@@ -64,6 +66,26 @@ def _probe_node(checks: dict[str, Any]) -> dict[str, Any]:
         except Exception as exc:
             out["errors"].append(f"tracking server {shown} not reachable ({getattr(exc, 'reason', exc)})")
     return out
+
+
+def object_store_hint(path: str) -> str:
+    """What to check when a node cannot read an object store URL: its own settings.
+
+    The launcher never forwards the driver's credentials to the workers (they would show in
+    Ray's dashboard), so a node reads ``s3://`` and ``gs://`` with what it has itself; a
+    "could not resolve host" or "access denied" line from pyarrow does not say that."""
+    if not storage.is_uri(path):
+        return ""
+    scheme = path.split("://", 1)[0]
+    if scheme == "s3":
+        need = ("AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or an instance role), AWS_REGION, and "
+                "AWS_ENDPOINT_URL_S3 for a store other than AWS")
+    elif scheme in ("gs", "gcs"):
+        need = "GOOGLE_APPLICATION_CREDENTIALS (or the node's service account)"
+    else:
+        need = "the credentials and endpoint of that store"
+    return (f"; this node reads {scheme}:// with its own settings ({need}): the driver's are never "
+            "forwarded, so set them in the environment `ray start` runs in on every node")
 
 
 def check_reachability(
