@@ -1,0 +1,41 @@
+"""Typed configuration (intermediate step of the split into a package: see the next commit)."""
+
+from pipeline.config.train import (
+    DEFAULT_TILE,
+    DEFAULT_TILE_OVERLAP,
+    PRESETS,
+    SCALES,
+    ConfigError,
+    EvalConfig,
+    ModelConfig,
+    PreprocessConfig,
+    TrainConfig,
+    flatten,
+    from_mapping,
+    load_config,
+    model_config,
+    parse_sets,
+    preset_values,
+    read_yaml,
+    to_dict,
+)
+
+__all__ = [
+    "DEFAULT_TILE",
+    "DEFAULT_TILE_OVERLAP",
+    "PRESETS",
+    "SCALES",
+    "ConfigError",
+    "EvalConfig",
+    "ModelConfig",
+    "PreprocessConfig",
+    "TrainConfig",
+    "flatten",
+    "from_mapping",
+    "load_config",
+    "model_config",
+    "parse_sets",
+    "preset_values",
+    "read_yaml",
+    "to_dict",
+]
