@@ -154,7 +154,7 @@ def test_checkpoint_is_read_once_per_evaluation(tmp_path, monkeypatch):
 
 def test_too_small_image_names_its_real_size(tmp_path):
     from pipeline.evaluate.benchmarks import resolve_benchmarks
-    from pipeline.evaluate.runner import check_inputs
+    from pipeline.evaluate.driver import check_inputs
 
     hr = tmp_path / "bench"
     hr.mkdir()
