@@ -61,7 +61,7 @@ from pipeline.config import PreprocessConfig  # noqa: E402
 from pipeline.imageio import decode_png  # noqa: E402
 from pipeline.preprocess import imresize  # noqa: E402
 from pipeline.preprocess.run import run_preprocess  # noqa: E402
-from pipeline.train import data  # noqa: E402
+from pipeline.train import data, sampling  # noqa: E402
 
 SCALE, PATCH, BATCH = 2, 96, 16
 
@@ -222,9 +222,9 @@ def in_memory(pairs: list[tuple[Path, Path]], rng: np.random.Generator) -> Itera
         b = []
         for _ in range(BATCH):
             lr, hr = images[int(rng.integers(len(images)))]
-            lr_p, hr_p = data.random_patch(lr, hr, SCALE, PATCH, rng)
+            lr_p, hr_p = sampling.random_patch(lr, hr, SCALE, PATCH, rng)
             k = int(rng.integers(8))
-            b.append((np.ascontiguousarray(data.dihedral(lr_p, k)), np.ascontiguousarray(data.dihedral(hr_p, k))))
+            b.append((np.ascontiguousarray(sampling.dihedral(lr_p, k)), np.ascontiguousarray(sampling.dihedral(hr_p, k))))
         yield (torch.from_numpy(np.stack([x[0] for x in b]).transpose(0, 3, 1, 2).copy()),
                torch.from_numpy(np.stack([x[1] for x in b]).transpose(0, 3, 1, 2).copy()))
 

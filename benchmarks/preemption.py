@@ -7,7 +7,8 @@ Train restarts the worker group from the last registered checkpoint; the job fin
 policy:
 
 * **steps redone**: the last step rank 0 had logged before the kill minus the step the
-  restarted group resumed from (from its "resumed from checkpoint at ... step N" line); the
+  restarted group resumed from (its "resumed from checkpoint at ... step N" line, or 0 when
+  no checkpoint existed yet); the
   steps between the last log point and the kill are not counted, so this is a lower bound;
 * **seconds lost**: from the kill until the restarted group logs a step beyond the old group's
   last log point (Ray's restart and the redone steps; the restart cost is in both policies);
@@ -82,17 +83,17 @@ def run(root: Path, shards: Path, name: str, every: int, args, kill_at: int | No
                 if job.poll() is not None:
                     raise SystemExit(f"{name} ended early (rc {job.returncode}): {log_path.read_text()[-3000:]}")
                 time.sleep(0.02)
-            victims = train_workers(job.pid)
-            if not victims:
+            before = train_workers(job.pid)
+            if not before:
                 raise SystemExit(f"{name}: no Ray Train worker found to kill")
-            os.kill(victims[-1], signal.SIGKILL)
+            os.kill(before[-1], signal.SIGKILL)
             t_kill = time.monotonic()
             out["killed_after"] = logged
-            # Back where it was: once the restarted group has said where it resumed (the old
-            # group is gone then), its first log point beyond the old group's last one.
-            while not RESUMED.search(log_path.read_text(errors="replace")):
+            # Back where it was: once Ray Train has replaced the whole worker group (the old
+            # group is gone then), the new group's first log point beyond the old one's last.
+            while not (now := train_workers(job.pid)) or set(now) & set(before):
                 if job.poll() is not None:
-                    raise SystemExit(f"{name} ended without resuming: {log_path.read_text()[-3000:]}")
+                    raise SystemExit(f"{name} ended without a restart: {log_path.read_text()[-3000:]}")
                 time.sleep(0.05)
             old_last = last_step(journal)
             while last_step(journal) <= old_last and job.poll() is None:
@@ -107,9 +108,7 @@ def run(root: Path, shards: Path, name: str, every: int, args, kill_at: int | No
         raise SystemExit(f"{name} failed (rc {rc}): {log_path.read_text()[-3000:]}")
     if kill_at is not None:
         resumed = RESUMED.findall(log_path.read_text(errors="replace"))
-        if not resumed:
-            raise SystemExit(f"{name}: the job never resumed after the kill: {log_path.read_text()[-3000:]}")
-        out["resumed_from"] = int(resumed[-1])
+        out["resumed_from"] = int(resumed[-1]) if resumed else 0  # no checkpoint yet: from the start
         out["steps_redone"] = out["killed_after"] - out["resumed_from"]
     return out
 

@@ -20,9 +20,10 @@ from pipeline.evaluate.benchmarks import (
     resolve_benchmark,
     resolve_benchmarks,
 )
+from pipeline.evaluate.driver import check_inputs, prepare
 from pipeline.evaluate.methods import BicubicUpscaler
 from pipeline.evaluate.report import ResultWriter
-from pipeline.evaluate.runner import check_inputs, prepare, run_benchmarks
+from pipeline.evaluate.runner import run_benchmarks
 from pipeline.imageio import read_image, write_png
 from pipeline.preprocess import imresize
 
@@ -307,7 +308,7 @@ def test_every_requested_scale_is_checked_up_front(mini_bench, tmp_path):
 
 
 def test_a_failure_on_the_first_image_leaves_no_folder(mini_bench, tmp_path):
-    from pipeline.evaluate.runner import evaluate
+    from pipeline.evaluate.driver import evaluate
 
     broken = tmp_path / "Broken"
     broken.mkdir()

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import EvalConfig, load_config
 from pipeline.evaluate.benchmarks import KNOWN_BENCHMARKS
-from pipeline.evaluate.runner import evaluate
+from pipeline.evaluate.driver import evaluate
 
 mini_bench = fixtures_evaluate.mini_bench
 tiny_checkpoints = fixtures_evaluate.tiny_checkpoints

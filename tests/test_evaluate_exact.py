@@ -106,7 +106,7 @@ def test_two_upscalers_on_one_model_keep_their_hash_modes(models):
 
 @pytest.mark.parametrize("rgb_range", [1.0, 255.0])
 def test_fp16_state_dict_reads_the_right_rgb_range(tmp_path, rgb_range):
-    from pipeline.model.checkpoint import infer_architecture
+    from pipeline.model.statedict import infer_architecture
 
     torch.manual_seed(0)
     model = build_model("tiny", 2, rgb_range=rgb_range)
@@ -154,7 +154,7 @@ def test_checkpoint_is_read_once_per_evaluation(tmp_path, monkeypatch):
 
 def test_too_small_image_names_its_real_size(tmp_path):
     from pipeline.evaluate.benchmarks import resolve_benchmarks
-    from pipeline.evaluate.runner import check_inputs
+    from pipeline.evaluate.driver import check_inputs
 
     hr = tmp_path / "bench"
     hr.mkdir()

@@ -12,7 +12,7 @@ from helpers import free_port, run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import EvalConfig, load_config
-from pipeline.evaluate.runner import evaluate
+from pipeline.evaluate.driver import evaluate
 
 mini_bench = fixtures_evaluate.mini_bench
 tiny_checkpoints = fixtures_evaluate.tiny_checkpoints

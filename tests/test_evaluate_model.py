@@ -16,7 +16,7 @@ from helpers import run_cli
 
 from pipeline.config import EvalConfig, load_config
 from pipeline.console import UserError
-from pipeline.evaluate.runner import evaluate
+from pipeline.evaluate.driver import evaluate
 
 mini_bench = fixtures_evaluate.mini_bench
 tiny_checkpoints = fixtures_evaluate.tiny_checkpoints

@@ -10,7 +10,7 @@ from scipy.signal import convolve2d
 
 from pipeline.config import EvalConfig, load_config
 from pipeline.evaluate import metrics
-from pipeline.evaluate.runner import evaluate
+from pipeline.evaluate.driver import evaluate
 
 
 def _scipy_official_ssim(sr: np.ndarray, hr: np.ndarray, scale: int) -> float:

@@ -9,8 +9,8 @@ import fixtures_evaluate
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import EvalConfig, load_config
+from pipeline.evaluate.driver import evaluate
 from pipeline.evaluate.report import render_table
-from pipeline.evaluate.runner import evaluate
 
 mini_bench = fixtures_evaluate.mini_bench
 

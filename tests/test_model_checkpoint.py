@@ -21,7 +21,8 @@ from pipeline.model import (
     save_checkpoint,
     set_hash_mode,
 )
-from pipeline.model.checkpoint import _clip, _one_line, first_mismatch, infer_architecture
+from pipeline.model.statedict import first_mismatch, infer_architecture
+from pipeline.model.torchfile import _clip, _one_line
 
 SMALL = {"n_resgroups": 2, "n_resblocks": 1, "n_feats": 16, "chunk_size": 16, "n_hashlength": 3}
 

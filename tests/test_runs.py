@@ -9,7 +9,7 @@ from helpers import run_cli
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import EvalConfig, load_config
-from pipeline.evaluate.runner import evaluate
+from pipeline.evaluate.driver import evaluate
 from pipeline.train import tracking
 
 mini_bench = fixtures_evaluate.mini_bench

@@ -12,7 +12,7 @@ import torch
 from fixtures_train import shard_counts, train_shards  # noqa: F401 - fixture
 
 from pipeline.console import UserError
-from pipeline.train import data
+from pipeline.train import data, sampling, validation
 
 
 def _train_paths(shards):
@@ -32,7 +32,7 @@ def test_patches_are_aligned_between_lr_and_hr():
     for scale in (2, 3, 4):
         lr = hr[::scale, ::scale]  # a "LR" whose pixel (y, x) is HR pixel (s*y, s*x)
         for _ in range(20):
-            lr_p, hr_p = data.random_patch(lr, hr, scale, 6 * scale, rng)
+            lr_p, hr_p = sampling.random_patch(lr, hr, scale, 6 * scale, rng)
             assert hr_p.shape[:2] == (lr_p.shape[0] * scale, lr_p.shape[1] * scale)
             np.testing.assert_array_equal(hr_p[::scale, ::scale], lr_p)
 
@@ -41,7 +41,7 @@ def test_patch_positions_cover_the_whole_image():
     rng = np.random.default_rng(1)
     lr = np.arange(10 * 10 * 3, dtype=np.int32).reshape(10, 10, 3)
     hr = np.repeat(np.repeat(lr, 2, 0), 2, 1)
-    corners = {tuple(data.random_patch(lr, hr, 2, 8, rng)[0][0, 0, :1]) for _ in range(400)}
+    corners = {tuple(sampling.random_patch(lr, hr, 2, 8, rng)[0][0, 0, :1]) for _ in range(400)}
     assert len(corners) == 7 * 7  # every valid top-left LR position (10 - 4 + 1)^2
 
 
@@ -53,15 +53,15 @@ def test_dihedral_gives_eight_distinct_transforms_and_keeps_alignment():
     def up(a):
         return np.repeat(np.repeat(a, 2, 0), 2, 1)
 
-    outs = {data.dihedral(hr, k).tobytes() for k in range(8)}
+    outs = {sampling.dihedral(hr, k).tobytes() for k in range(8)}
     assert len(outs) == 8
     for k in range(8):
-        np.testing.assert_array_equal(data.dihedral(hr, k), up(data.dihedral(lr, k)))
+        np.testing.assert_array_equal(sampling.dihedral(hr, k), up(sampling.dihedral(lr, k)))
 
 
 def test_mismatched_sizes_are_a_clear_error():
     with pytest.raises(UserError, match="not 2x the LR"):
-        data.check_pair(np.zeros((10, 10, 3)), np.zeros((21, 20, 3)), 2, "x.tar: sample 'a'")
+        sampling.check_pair(np.zeros((10, 10, 3)), np.zeros((21, 20, 3)), 2, "x.tar: sample 'a'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,16 +99,16 @@ def test_validation_images_are_split_across_ranks(train_shards):  # noqa: F811
     from pipeline.preprocess.manifest import shard_paths
 
     valid = [str(p) for p in shard_paths(train_shards, "valid")]
-    one = list(data.validation_from_shards(valid, 2, 0, 1))
+    one = list(validation.validation_from_shards(valid, 2, 0, 1))
     assert len(one) == 3 and all(s.hr.shape[0] == 2 * s.lr.shape[0] for s in one)
-    parts = [list(data.validation_from_shards(valid, 2, r, 2)) for r in range(2)]
+    parts = [list(validation.validation_from_shards(valid, 2, r, 2)) for r in range(2)]
     assert [[s.index for s in p] for p in parts] == [[0, 2], [1]]  # index 0 belongs to rank 0
     assert sorted(s.key for p in parts for s in p) == sorted(s.key for s in one)  # each image once
-    assert [s.key for s in data.validation_from_shards(valid, 2, 1, 2, max_images=1)] == []
+    assert [s.key for s in validation.validation_from_shards(valid, 2, 1, 2, max_images=1)] == []
 
 
 def test_validation_from_a_folder_makes_bicubic_lr(set5_dir):
-    samples = list(data.validation_from_folder(set5_dir, 3, 1, 2))
+    samples = list(validation.validation_from_folder(set5_dir, 3, 1, 2))
     assert [s.index for s in samples] == [1, 3]
     for s in samples:
         assert s.hr.shape[0] == 3 * s.lr.shape[0] and s.hr.shape[1] == 3 * s.lr.shape[1]

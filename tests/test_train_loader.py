@@ -16,7 +16,7 @@ from fixtures_shards_read import sample_of, train_entries, write_shards
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.console import UserError
-from pipeline.train import data, datasource, shardio
+from pipeline.train import data, datasource, sampling, shardio, validation
 
 # ---------------------------------------------------------------------------------------------
 # reading both encodings
@@ -46,9 +46,9 @@ def test_raw_and_png_shards_give_the_same_batches(tmp_path):
 def test_validation_reads_both_encodings_and_checks_sha256(tmp_path):
     folder = write_shards(tmp_path / "r", {"train": [2], "valid": [3, 2]}, encoding="raw")
     valid = [str(folder / f"div2k-valid-00000{i}.tar") for i in range(2)]
-    got = list(data.validation_from_shards(valid, 2))
+    got = list(validation.validation_from_shards(valid, 2))
     assert [s.index for s in got] == list(range(5)) and got[0].hr.shape == (24, 24, 3) and got[0].lr.shape == (12, 12, 3)
-    assert [s.index for s in data.validation_from_shards(valid, 2, rank=1, world_size=2)] == [1, 3]
+    assert [s.index for s in validation.validation_from_shards(valid, 2, rank=1, world_size=2)] == [1, 3]
     # same size, one byte changed inside a pixel: only the checksum can tell
     path = tmp_path / "r2"
     folder = write_shards(path, {"train": [2], "valid": [3]}, encoding="raw")
@@ -57,7 +57,7 @@ def test_validation_reads_both_encodings_and_checks_sha256(tmp_path):
     blob[2000] ^= 0xFF
     shard.write_bytes(bytes(blob))
     with pytest.raises(UserError, match=r"div2k-valid-000000\.tar: sha256 differs"):
-        list(data.validation_from_shards([str(shard)], 2))
+        list(validation.validation_from_shards([str(shard)], 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,7 +147,7 @@ def _global_batches(paths, counts, preset: str, world: int, loader_workers: int,
     DataLoader would (worker w of W makes steps w, w+W, ...)."""
     cfg = load_config(TrainConfig, preset=preset, overrides={"batch_size": 16})
     streams = [
-        data.PatchStream(paths, counts, 2, cfg.patch_size, len(data.rank_slots(16, r, world)), rank=r, world_size=world,
+        data.PatchStream(paths, counts, 2, cfg.patch_size, len(sampling.rank_slots(16, r, world)), rank=r, world_size=world,
                          seed=cfg.seed, patches_per_sample=cfg.patches_per_sample, global_batch=16)
         for r in range(world)
     ]
@@ -178,7 +178,7 @@ def test_every_sample_is_drawn_equally_often_whatever_the_shard_sizes(streams):
     loader_workers = streams // world
     batch = max(world, 64)
     draws: Counter[int] = Counter()
-    ranks = [data.PatchStream(paths, counts, 2, 48, len(data.rank_slots(batch, r, world)), rank=r, world_size=world,
+    ranks = [data.PatchStream(paths, counts, 2, 48, len(sampling.rank_slots(batch, r, world)), rank=r, world_size=world,
                               seed=7, global_batch=batch) for r in range(world)]
     steps = total * 2  # an epoch's worth of samples, twice over: exactly 2 * batch passes
     for w in range(loader_workers):
@@ -258,7 +258,7 @@ def test_val_data_folders_skip_dotfiles(tmp_path, set5_dir):
     folder.mkdir()
     shutil.copy(next(Path(set5_dir).glob("*.png")), folder / "baby.png")
     (folder / "._baby.png").write_bytes(b"\0\5\26\7 AppleDouble resource fork")
-    samples = list(data.validation_from_folder(folder, 2))
+    samples = list(validation.validation_from_folder(folder, 2))
     assert [s.key for s in samples] == ["baby"]
 
 

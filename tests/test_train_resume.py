@@ -26,16 +26,11 @@ from fixtures_train import (
 )
 from helpers import run_cli, stop_session
 
-from pipeline.train import data
-
 pytestmark = pytest.mark.slow
 
-# The exact continuation of the data stream is the loader's part (PatchStream(start_step=k)
-# yields the batches of an uninterrupted stream from step k on); the older stream reseeded.
-EXACT_STREAM = hasattr(data, "rank_slots")
 
-
-@pytest.mark.xfail(not EXACT_STREAM, reason="needs the exact-resume PatchStream of the loader rewrite", run=False)
+# The exact continuation of the data stream is the loader's part: PatchStream(start_step=k)
+# yields the batches of an uninterrupted stream from step k on.
 def test_ctrl_c_and_a_killed_worker_resume_bit_for_bit(train_shards, tmp_path):  # noqa: F811
     from pipeline import defaults
 

@@ -14,7 +14,7 @@ from helpers import free_port
 
 from pipeline.config import TrainConfig, load_config
 from pipeline.console import UserError
-from pipeline.train import data, datasource
+from pipeline.train import data, datasource, validation
 
 
 def _cfg(shards: str) -> TrainConfig:
@@ -41,7 +41,7 @@ def test_shards_stream_from_s3_exactly_as_from_disk(s3_server, tmp_path, monkeyp
     assert len(list(cache.glob("*-x2-raw.npz"))) == 3  # tar headers walked once per node, shared by processes
     again = data.PatchStream(job.train_shards, job.train_counts, 2, 12, 4, seed=2)
     assert torch.equal(again.batch(3)[1], disk.batch(3)[1])  # from the cached indexes
-    val = list(data.validation_from_shards(job.val_shards, 2))
+    val = list(validation.validation_from_shards(job.val_shards, 2))
     assert [v.index for v in val] == [0, 1, 2] and val[0].hr.shape == (24, 24, 3)
     assert datasource.node_data_problems(job.train_shards) == []
 

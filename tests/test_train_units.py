@@ -272,8 +272,7 @@ def test_plain_psnr_of_the_tests_agrees_with_the_metric():
 
 def test_validation_restores_the_hash_mode_it_found():
     from pipeline.model import DecoupledNonLocalAttention, hash_mode_of, set_hash_mode
-    from pipeline.train.data import ValSample
-    from pipeline.train.validation import validate
+    from pipeline.train.validation import ValSample, validate
 
     model = _tiny_model()
     rng = np.random.default_rng(0)

@@ -190,8 +190,8 @@ def evaluate_cmd(
     from pathlib import Path
 
     from pipeline import console
+    from pipeline.evaluate.driver import evaluate
     from pipeline.evaluate.report import render_table
-    from pipeline.evaluate.runner import evaluate
 
     cfg = _load(
         preset,

@@ -5,7 +5,7 @@ Why actors and not tasks: each worker holds the network once (moved to its own d
 scores image after image; a task per image would ship and load the model every time.
 
 Why the results equal one worker's: every image is scored by the same function
-(:func:`pipeline.evaluate.runner.evaluate_file`), the hash mode and per-image seeds are applied
+(:func:`pipeline.evaluate.scoring.evaluate_file`), the hash mode and per-image seeds are applied
 per image (``ModelUpscaler``), and ``ActorPool.map`` returns results in file order, so the
 driver's bookkeeping (rows, summaries, figures, files) runs exactly as for one process. Only
 the timings differ.
@@ -40,7 +40,7 @@ class _Worker:
         self.protocol = protocol
 
     def run(self, bench, scale: int, path: Path):
-        from pipeline.evaluate.runner import evaluate_file
+        from pipeline.evaluate.scoring import evaluate_file
 
         return evaluate_file(
             self.upscalers[scale], self.is_bicubic, bench, path, scale, self.repeats, self.label,

@@ -118,7 +118,7 @@ def log_evaluation(cfg: EvalConfig, report: EvalReport, uri: str) -> tuple[str |
         RunTag("eval.source", report.outcome.source[:5000]),
     ]
     if cfg.run_id:
-        # its existence was checked before the evaluation (runner.prepare); a failure now is the
+        # its existence was checked before the evaluation (driver.prepare); a failure now is the
         # server's, and costs only the logging
         run = with_retries(client.get_run, cfg.run_id, what="MLflow get_run")
         if run is None:

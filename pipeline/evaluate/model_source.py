@@ -155,7 +155,8 @@ def read_source(path: Path) -> LoadedModel:
 
 def load_model(source: LoadedModel, cfg: EvalConfig, scale: int | None) -> tuple[Any, str]:
     """The network (eval mode, CPU) and a short description of where it came from."""
-    from pipeline.model.checkpoint import load_state_dict_strict, model_from_checkpoint
+    from pipeline.model.checkpoint import model_from_checkpoint
+    from pipeline.model.statedict import load_state_dict_strict
 
     path, ckpt = source.path, source.ckpt
     preset, overrides = model_overrides(cfg)
@@ -174,7 +175,7 @@ def load_model(source: LoadedModel, cfg: EvalConfig, scale: int | None) -> tuple
 def facts_of(path: Path, ckpt: dict[str, Any]) -> CheckpointFacts:
     """The scale recorded in our checkpoint (or inferred from an official one's upsampler), and
     the training step our trainer records, which places an evaluation on the run's step axis."""
-    from pipeline.model.checkpoint import infer_architecture
+    from pipeline.model.statedict import infer_architecture
 
     step = ckpt.get("step")
     step = int(step) if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None

@@ -86,7 +86,7 @@ def find_benchmarks(explicit: str | None) -> tuple[str | None, list[str]]:
 
 def run_demo(opts: DemoOptions) -> DemoResult:
     from pipeline.config import EvalConfig, PreprocessConfig, TrainConfig, load_config
-    from pipeline.evaluate.runner import evaluate
+    from pipeline.evaluate.driver import evaluate
     from pipeline.preprocess.run import run_preprocess
     from pipeline.tracking import redact_uri, resolve_uri
     from pipeline.train.launcher import train

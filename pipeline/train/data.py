@@ -1,4 +1,5 @@
-"""Training and validation data read from WebDataset shards (raw or PNG), locally or remotely.
+"""Training data: each rank's endless stream of patch batches from WebDataset shards (raw or
+PNG), locally or remotely, and the DataLoader over it.
 
 Why it is built this way:
 
@@ -7,8 +8,8 @@ Why it is built this way:
   ``iters_per_epoch`` batches per epoch from it. An "epoch" is a number of steps, as in the
   reference (1000 iterations of batch 16), not a pass over the data.
 * **Samples, not shards, are dealt out.** A seeded permutation of all samples per pass
-  (:class:`Schedule`) decides which sample fills which slot of each global batch, and each
-  rank fills its own slots. Every sample is drawn once per pass whatever the shard sizes and
+  (:class:`~pipeline.train.sampling.Schedule`) decides which sample fills which slot of each
+  global batch, and each rank fills its own slots. Every sample is drawn once per pass whatever the shard sizes and
   the number of ranks or loader processes, and a batch of 16 is a uniform draw from the whole
   dataset (about 15.9 distinct source images out of 16 on DIV2K), where streaming shards in
   order through a shuffle buffer mixed only a few images.
@@ -20,17 +21,18 @@ Why it is built this way:
   run resumed at step k sees the batches an uninterrupted run would have seen.
 * Batches leave the loader as uint8 (4x less inter-process traffic than float) and are
   converted on the training device.
+
+The pure functions that decide which sample, crop and transform fill a slot are in
+:mod:`pipeline.train.sampling`; the validation images (whole, split across ranks by index) are
+read by :mod:`pipeline.train.validation`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -38,100 +40,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from pipeline.console import UserError
 from pipeline.train import shardindex, shardio
-
-# ---------------------------------------------------------------------------------------------
-# Patch extraction and augmentation (pure numpy)
-# ---------------------------------------------------------------------------------------------
-
-
-def random_patch(
-    lr: np.ndarray, hr: np.ndarray, scale: int, hr_patch: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
-    """Aligned crops: an LR patch of ``hr_patch // scale`` at a uniform position, and the HR
-    patch at ``scale`` times that position (the reference's single-scale semantics)."""
-    lp = hr_patch // scale
-    h, w = lr.shape[:2]
-    y = int(rng.integers(0, h - lp + 1))
-    x = int(rng.integers(0, w - lp + 1))
-    return (
-        lr[y : y + lp, x : x + lp],
-        hr[y * scale : (y + lp) * scale, x * scale : (x + lp) * scale],
-    )
-
-
-def dihedral(img: np.ndarray, k: int) -> np.ndarray:
-    """One of the 8 dihedral transforms of an HxWxC image: bit 0 flips the width axis, bit 1
-    the height axis, bit 2 transposes (as the reference's hflip/vflip/rot90 coin flips)."""
-    if k & 1:
-        img = img[:, ::-1]
-    if k & 2:
-        img = img[::-1, :]
-    if k & 4:
-        img = img.transpose(1, 0, 2)
-    return img
-
-
-def check_pair(lr: np.ndarray, hr: np.ndarray, scale: int, where: str) -> None:
-    if hr.shape[0] != lr.shape[0] * scale or hr.shape[1] != lr.shape[1] * scale:
-        raise UserError(
-            f"{where}: HR {hr.shape[1]}x{hr.shape[0]} is not {scale}x the LR "
-            f"{lr.shape[1]}x{lr.shape[0]} (shards from another scale or a broken writer?)"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Which sample fills which batch slot (pure, the same on every rank and loader process)
-# ---------------------------------------------------------------------------------------------
-
-
-class Schedule:
-    """The global draw order: pass ``p`` over all ``N`` samples is a seeded permutation.
-
-    Draw ``d`` is sample ``perm_{d // N}[d % N]``. The global batch of step ``t`` takes draws
-    ``[g*B, (g+1)*B)`` with ``g = t // patches_per_sample`` and ``B`` the global batch; rank
-    ``r`` takes its contiguous share of those slots. So every sample is drawn exactly once per
-    pass whatever the number of ranks, loader processes or shard sizes (balanced coverage), and
-    a batch is a uniform draw without replacement from the whole dataset (near-uniform mixing).
-    """
-
-    def __init__(self, counts: Sequence[int], seed: int) -> None:
-        self.counts = np.asarray(counts, dtype=np.int64)
-        if len(self.counts) == 0 or self.counts.sum() == 0:
-            raise UserError("no training samples to read (the manifest lists no train shards)")
-        self.ends = np.cumsum(self.counts)
-        self.total = int(self.ends[-1])
-        self.seed = seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def perm(self, p: int) -> np.ndarray:
-        perm = self._perms.get(p)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, 0xA, p]).permutation(self.total)
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            self._perms[p] = perm
-        return perm
-
-    def sample(self, d: int) -> int:
-        p, i = divmod(d, self.total)
-        return int(self.perm(p)[i])
-
-    def replacement(self, d: int, attempt: int) -> int:
-        """A uniformly drawn stand-in for draw ``d`` when its sample cannot be used."""
-        return int(np.random.default_rng([self.seed, 0xC, d, attempt]).integers(self.total))
-
-    def locate(self, g: int) -> tuple[int, int]:
-        """(shard number, position in the shard) of global sample index ``g``."""
-        shard = int(np.searchsorted(self.ends, g, side="right"))
-        return shard, g - int(self.ends[shard] - self.counts[shard])
-
-
-def rank_slots(global_batch: int, rank: int, world: int) -> range:
-    """The global batch slots rank ``rank`` fills (as loop.rank_batch splits the batch)."""
-    base, extra = divmod(global_batch, world)
-    start = base * rank + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
-
+from pipeline.train.sampling import Schedule, dihedral, random_patch, rank_slots
 
 # ---------------------------------------------------------------------------------------------
 # The training stream
@@ -218,7 +127,7 @@ class PatchStream(IterableDataset):
     # -- reading ----------------------------------------------------------------------------
     def reader(self) -> shardindex.ShardReader:
         if self._reader is None:
-            entries = entries_for_locations(self.shards)
+            entries = shardio.entries_for_locations(self.shards)
             for entry, count in zip(entries, self.counts, strict=True):
                 if entry.samples != count:
                     raise UserError(f"{shardio.shown(entry.location)}: the manifest says {entry.samples} samples, "
@@ -327,25 +236,9 @@ class PatchStream(IterableDataset):
             step += n_workers
 
 
-def entries_for_locations(locations: Sequence[str]) -> list[shardio.ShardEntry]:
-    """The manifest entry of each shard, from the manifest in the shard's folder."""
-    manifests: dict[str, dict[str, shardio.ShardEntry]] = {}
-    out = []
-    for loc in locations:
-        folder = shardio.parent(loc)
-        if folder not in manifests:
-            manifest = shardio.load_manifest(folder)
-            manifests[folder] = {
-                shardio.shown(e.location).rsplit("/", 1)[-1]: e
-                for split in ("train", "valid") for e in shardio.entries_for(folder, split, manifest)
-            }
-        name = shardio.shown(loc).rsplit("/", 1)[-1]
-        entry = manifests[folder].get(name)
-        if entry is None:
-            raise UserError(f"{shardio.shown(loc)}: not listed in {shardio.shown(shardio.join(folder, shardio.MANIFEST))}")
-        out.append(dataclasses.replace(entry, location=loc))
-    return out
-
+# ---------------------------------------------------------------------------------------------
+# The DataLoader over it
+# ---------------------------------------------------------------------------------------------
 
 
 def _background_worker(worker_id: int) -> None:
@@ -412,68 +305,3 @@ def make_train_loader(dataset: PatchStream, loader_workers: int, pin_memory: boo
 def to_model_range(batch: torch.Tensor, device: torch.device, rgb_range: float) -> torch.Tensor:
     """uint8 NCHW -> float32 in [0, rgb_range] on `device` (conversion after the copy)."""
     return batch.to(device, non_blocking=True).float().mul_(rgb_range / 255.0)
-
-
-# ---------------------------------------------------------------------------------------------
-# Validation data: whole images, split across ranks by index
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ValSample:
-    index: int
-    key: str
-    lr: np.ndarray  # HxWx3 uint8
-    hr: np.ndarray  # (scale*H)x(scale*W)x3 uint8
-
-
-_VERIFIED: set[str] = set()  # validation shards whose sha256 this process already checked
-
-
-def validation_from_shards(
-    shards: Sequence[str], scale: int, rank: int = 0, world_size: int = 1, max_images: int = 0
-) -> Iterator[ValSample]:
-    """This rank's validation images (global index ``i`` with ``i % world_size == rank``).
-
-    Each shard is read whole, so its sha256 is checked too (once per process)."""
-    index = 0
-    for entry in entries_for_locations([str(p) for p in shards]):
-        if entry.location in _VERIFIED:
-            reader, shard = shardindex.ShardReader([entry], scale), 0
-        else:
-            reader, shard = shardindex.read_whole_verified(entry, scale)
-            _VERIFIED.add(entry.location)
-        try:
-            keys = reader.index(shard).keys
-            for pos, key in enumerate(keys):
-                if max_images and index >= max_images:
-                    return
-                if index % world_size == rank:
-                    lr, hr = reader.pair(shard, pos)
-                    yield ValSample(index, key, lr, hr)
-                index += 1
-        finally:
-            reader.close()
-
-
-def validation_from_folder(
-    folder: str | Path, scale: int, rank: int = 0, world_size: int = 1, max_images: int = 0
-) -> Iterator[ValSample]:
-    """HR images of a folder (e.g. ``Set5/HR``); LR made with MATLAB-style bicubic, HR cropped
-    to a multiple of the scale as in the standard benchmark protocol."""
-    from pipeline.imageio import list_images
-    from pipeline.preprocess import imresize
-
-    files = list_images(folder)
-    if max_images:
-        files = files[:max_images]
-    for index, path in enumerate(files):
-        if index % world_size != rank:
-            continue
-        from pipeline.imageio import read_image
-
-        hr, _ = read_image(path)
-        h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
-        hr = np.ascontiguousarray(hr[:h, :w])
-        lr = imresize(hr, scale=1.0 / scale)
-        yield ValSample(index, path.stem, lr, hr)

@@ -176,12 +176,12 @@ def validate_and_track(w: Worker, parts, plan, progress, interval: Interval, log
 
 
 def val_samples(w: Worker, max_images: int):
-    from pipeline.train import data
+    from pipeline.train import validation
 
     job, scale = w.job, w.cfg.model.scale
     if job.val_folder:
-        return data.validation_from_folder(job.val_folder, scale, w.rank, w.world, max_images)
-    return data.validation_from_shards(job.val_shards, scale, w.rank, w.world, max_images)
+        return validation.validation_from_folder(job.val_folder, scale, w.rank, w.world, max_images)
+    return validation.validation_from_shards(job.val_shards, scale, w.rank, w.world, max_images)
 
 
 def save_and_report(w: Worker, parts, scheduler, progress, interval: Interval, final: bool) -> None:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import io
 import json
 import os
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from pipeline.console import UserError
@@ -211,6 +212,26 @@ def entries_for(folder: str, split: str, manifest: dict[str, Any] | None = None)
         ShardEntry(join(folder, s["name"]), int(s["samples"]), int(s["bytes"]), str(s["sha256"]), encoding)
         for s in manifest["splits"][split]["shards"]
     ]
+
+
+def entries_for_locations(locations: Sequence[str]) -> list[ShardEntry]:
+    """The manifest entry of each shard, from the manifest in the shard's folder."""
+    manifests: dict[str, dict[str, ShardEntry]] = {}
+    out = []
+    for loc in locations:
+        folder = parent(loc)
+        if folder not in manifests:
+            manifest = load_manifest(folder)
+            manifests[folder] = {
+                shown(e.location).rsplit("/", 1)[-1]: e
+                for split in ("train", "valid") for e in entries_for(folder, split, manifest)
+            }
+        name = shown(loc).rsplit("/", 1)[-1]
+        entry = manifests[folder].get(name)
+        if entry is None:
+            raise UserError(f"{shown(loc)}: not listed in {shown(join(folder, MANIFEST))}")
+        out.append(replace(entry, location=loc))
+    return out
 
 
 class InMemory(_RandomAccess):

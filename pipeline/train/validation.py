@@ -9,17 +9,22 @@ validation images from shards are stored by `preprocess` cropped to a multiple o
 set of shards serves x2, x3 and x4), while `evaluate` crops to a multiple of the scale only; a
 few border rows and columns more or less change the PSNR slightly. (``--val-data FOLDER``
 crops to a multiple of the scale, as `evaluate` does.)
+
+The images themselves (whole, from the valid shards or a folder, split across ranks by index)
+are read here too (:func:`validation_from_shards`, :func:`validation_from_folder`), not by the
+training stream of :mod:`pipeline.train.data`, which only deals out patches.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from pipeline.train.data import ValSample
+from pipeline.train import shardindex, shardio
 
 
 @dataclass
@@ -108,3 +113,68 @@ class ValPlan:
         """(subset, full) due after `step`; the last step runs both."""
         last = step == self.total_steps
         return last or step % self.every == 0, last or bool(self.full_every and step % self.full_every == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The images: whole, split across ranks by index
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ValSample:
+    index: int
+    key: str
+    lr: np.ndarray  # HxWx3 uint8
+    hr: np.ndarray  # (scale*H)x(scale*W)x3 uint8
+
+
+_VERIFIED: set[str] = set()  # validation shards whose sha256 this process already checked
+
+
+def validation_from_shards(
+    shards: Sequence[str], scale: int, rank: int = 0, world_size: int = 1, max_images: int = 0
+) -> Iterator[ValSample]:
+    """This rank's validation images (global index ``i`` with ``i % world_size == rank``).
+
+    Each shard is read whole, so its sha256 is checked too (once per process)."""
+    index = 0
+    for entry in shardio.entries_for_locations([str(p) for p in shards]):
+        if entry.location in _VERIFIED:
+            reader, shard = shardindex.ShardReader([entry], scale), 0
+        else:
+            reader, shard = shardindex.read_whole_verified(entry, scale)
+            _VERIFIED.add(entry.location)
+        try:
+            keys = reader.index(shard).keys
+            for pos, key in enumerate(keys):
+                if max_images and index >= max_images:
+                    return
+                if index % world_size == rank:
+                    lr, hr = reader.pair(shard, pos)
+                    yield ValSample(index, key, lr, hr)
+                index += 1
+        finally:
+            reader.close()
+
+
+def validation_from_folder(
+    folder: str | Path, scale: int, rank: int = 0, world_size: int = 1, max_images: int = 0
+) -> Iterator[ValSample]:
+    """HR images of a folder (e.g. ``Set5/HR``); LR made with MATLAB-style bicubic, HR cropped
+    to a multiple of the scale as in the standard benchmark protocol."""
+    from pipeline.imageio import list_images
+    from pipeline.preprocess import imresize
+
+    files = list_images(folder)
+    if max_images:
+        files = files[:max_images]
+    for index, path in enumerate(files):
+        if index % world_size != rank:
+            continue
+        from pipeline.imageio import read_image
+
+        hr, _ = read_image(path)
+        h, w = (hr.shape[0] // scale) * scale, (hr.shape[1] // scale) * scale
+        hr = np.ascontiguousarray(hr[:h, :w])
+        lr = imresize(hr, scale=1.0 / scale)
+        yield ValSample(index, path.stem, lr, hr)
