@@ -80,6 +80,21 @@ def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.1)
+    _kill_all(sid)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def kill_session(proc: subprocess.Popen) -> None:
+    """SIGKILL a session started with start_new_session=True, all of it at once: a machine
+    that goes away (no SIGTERM first, so nothing in it gets to act on a shutdown)."""
+    _kill_all(proc.pid)
+    proc.wait(10)
+
+
+def _kill_all(sid: int) -> None:
+    """SIGKILL whatever is left in session `sid` (a few rounds: a dying parent may spawn)."""
     for _ in range(3):
         survivors = _session_pids(sid)
         if not survivors:
@@ -90,25 +105,6 @@ def stop_session(proc: subprocess.Popen, grace: float = 5.0) -> None:
             except ProcessLookupError:
                 pass
         time.sleep(0.3)
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait(10)
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL a session started with start_new_session=True, all of it at once: a machine
-    that goes away (no SIGTERM first, so nothing in it gets to act on a shutdown)."""
-    for _ in range(3):
-        survivors = _session_pids(proc.pid)
-        if not survivors:
-            break
-        for pid in survivors:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.3)
-    proc.wait(10)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600, check: bool = False):
