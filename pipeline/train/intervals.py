@@ -212,7 +212,8 @@ def save_and_report(w: Worker, parts, scheduler, progress, interval: Interval, f
     pending = w.rank == 0 and interval.upload is not None and not interval.upload.done.is_set()
     if all_reduce_sum([float(pending)], w.device)[0] and not must:  # every rank agrees
         if w.rank == 0:
-            doing = f"retrying ({interval.upload.failures} failed attempts)" if interval.upload.failures else "in progress"
+            failures = interval.upload.failures
+            doing = f"retrying (failed attempts: {failures})" if failures else "in progress"
             say(f"warning: checkpoint at step {progress.step} skipped: the upload of step {interval.upload.step} "
                 f"is still {doing}")
         interval.start += time.perf_counter() - t0

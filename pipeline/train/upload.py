@@ -10,10 +10,16 @@ for up to ``upload_retry_s``. Only then does it raise, and Ray's failure handlin
 last registered checkpoint stays the one a restart resumes from.
 
 Each attempt is bounded: on object storage the files go through a copy of the run's S3
-filesystem whose requests fail after ``upload_timeout_s`` without progress and are retried by
-the AWS SDK three times only (pyarrow's default for a ``s3://`` URL retries a connection that
+filesystem whose requests fail after ``upload_timeout_s`` without progress, are retried by
+the AWS SDK three times only, and are made on the calling thread (pyarrow's default for a ``s3://`` URL retries a connection that
 hangs for about 100 s per call, measured against a stopped server). The checkpoint handed back
-to Ray names Ray's own filesystem, as Ray requires.
+to Ray names Ray's own filesystem, as Ray requires. Not every hang is bounded by that: a
+request already sending its body when the store stops answering (an ``UploadPart`` frozen
+mid-way, measured with pyarrow 25 against a stopped server) waited far past a 1 s request
+timeout (over 25 s, once about 40 s) before failing. The step loop is unaffected (the upload
+runs in Ray's background thread and later checkpoints are skipped meanwhile), but the time
+limit is checked between attempts, so the job may give up that much later than
+``upload_retry_s``.
 
 A half-written destination is never taken for a checkpoint: Ray registers one (in the
 controller's snapshot, what a restart reads) only after the function has returned, and each
@@ -31,9 +37,12 @@ BACKOFF_FIRST_S = 2.0
 BACKOFF_MAX_S = 60.0
 
 
-def one_line(exc: BaseException, limit: int = 200) -> str:
+def one_line(exc: BaseException, limit: int = 240) -> str:
+    """The reason, on one line; pyarrow's S3 errors start with a long "When ... key ... in
+    bucket ...:" that repeats the destination, so the AWS error itself comes first."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text[:limit]
+    aws = text.find("AWS Error")
+    return (text[aws:] if aws > 0 else text)[:limit]
 
 
 class UploadGaveUp(RuntimeError):
