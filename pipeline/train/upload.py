@@ -115,8 +115,8 @@ class RetryingUpload:
         if fs.get_file_info(dest).type != pafs.FileType.NotFound:
             fs.delete_dir(dest)
         fs.create_dir(dest, recursive=True)
-        # One file at a time, on this thread: pyarrow's threaded copy to S3 can hang for good
-        # (apache/arrow#32372; Ray's own upload avoids it the same way).
+        # One file at a time, on this thread: Ray's own upload turns pyarrow's threads off for
+        # S3 uploads (a pyarrow issue with threaded uploads, apache/arrow#32372), and so do we.
         pafs.copy_files(checkpoint.path, dest, source_filesystem=checkpoint.filesystem, destination_filesystem=fs,
                         use_threads=False)
 
