@@ -47,6 +47,7 @@ class S3Server:
     secret: str
     bucket: str = "sr-test"
     env: dict[str, str] = field(default_factory=dict)  # what a client (node) needs to reach it
+    pgid: int = 0  # the server's process group: a test may freeze it (SIGSTOP) and must resume it (SIGCONT)
 
     @property
     def endpoint(self) -> str:
@@ -114,7 +115,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             "AWS_ENDPOINT_URL_S3": f"http://{host}",  # read by pyarrow's S3 filesystem (AWS SDK)
             "AWS_EC2_METADATA_DISABLED": "true",  # never probe an instance-metadata endpoint
         }
-        server = S3Server(host, key_id, secret, env=client_env)
+        server = S3Server(host, key_id, secret, env=client_env, pgid=proc.pid)  # own session: pgid = pid
         server.filesystem(allow_bucket_creation=True).create_dir(server.bucket)
         yield server
     finally:

@@ -52,6 +52,10 @@ class TrainConfig:
     # checkpoints: every N steps (0 = auto: about checkpoint_minutes of training, measured)
     checkpoint_every: int = 0
     checkpoint_minutes: float = 5.0
+    # how long a failing checkpoint upload is retried (2 s, doubling to 60 s) before the job fails on it
+    upload_retry_s: float = 900.0
+    # an upload request to object storage that receives nothing for this long fails (and is retried)
+    upload_timeout_s: float = 30.0
     # validation, every N steps: a small fixed subset often, the whole valid set rarely and at the end
     val_every: int = 0  # steps between subset validations; 0 = at every epoch end
     val_subset: int = 10  # images of the subset (the --val-data folder, when given, is the subset)
@@ -122,6 +126,10 @@ class TrainConfig:
             raise ConfigError(f"workers_max ({self.workers_max}) must be >= workers ({self.workers}), or 0 (fixed)")
         if self.elastic_check_s <= 0:
             raise ConfigError(f"elastic_check_s must be > 0 seconds, got {self.elastic_check_s}")
+        if self.upload_retry_s < 0:
+            raise ConfigError(f"upload_retry_s must be >= 0 seconds, got {self.upload_retry_s}")
+        if self.upload_timeout_s <= 0:
+            raise ConfigError(f"upload_timeout_s must be > 0 seconds, got {self.upload_timeout_s}")
         if self.tracking_drain_s < 0:
             raise ConfigError(f"tracking_drain_s must be >= 0, got {self.tracking_drain_s}")
         if self.max_failures < -1:

@@ -200,10 +200,14 @@ def rng_states(state: dict[str, Any]) -> list[dict[str, Any]]:
 def write_best(
     run_dir: str, model: torch.nn.Module, psnr: float, step: int, epoch: int, run_id: str | None
 ) -> None:
-    """Save `model` as the run's best model (our format + plain state_dict + meta.json)."""
+    """Save `model` as the run's best model (our format + plain state_dict + meta.json).
+
+    meta.json marks the folder complete: it is removed first and written last, so a write cut
+    short (a storage outage) leaves no best model rather than one whose files disagree."""
     from pipeline.model import export_state_dict, save_checkpoint
 
     meta = {"val_psnr": psnr, "step": step, "epoch": epoch, "mlflow_run_id": run_id}
+    storage.delete(storage.join(run_dir, storage.BEST_DIR, "meta.json"))
     with tempfile.TemporaryDirectory(prefix="sr-best-") as tmp:
         save_checkpoint(Path(tmp) / MODEL_FILE, model, val_psnr=float(psnr), step=step, epoch=epoch)
         export_state_dict(Path(tmp) / PLAIN_FILE, model)

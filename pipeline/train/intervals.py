@@ -8,7 +8,6 @@ checkpoint step), so the collectives inside them line up across ranks. The step 
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 import time
 from typing import Any
@@ -162,7 +161,11 @@ def validate_and_track(w: Worker, parts, plan, progress, interval: Interval, log
         if psnr > progress.best_psnr:  # the best model is chosen on the subset, always the same images
             progress.best_psnr, progress.best_step = psnr, progress.step
             if w.rank == 0 and job.run_dir:
-                ckpt_io.write_best(job.run_dir, net, psnr, progress.step, progress.epoch, job.mlflow_run_id)
+                try:  # the storage path failing must not end training (the checkpoints say so too)
+                    ckpt_io.write_best(job.run_dir, net, psnr, progress.step, progress.epoch, job.mlflow_run_id)
+                except Exception as exc:  # noqa: BLE001 - written again at the next improvement
+                    say(f"warning: best model of step {progress.step} not saved to the storage path "
+                        f"({' '.join(str(exc).split())[:200]}); saved again at the next improvement")
         if w.rank == 0:
             say(
                 f"epoch {progress.epoch}/{cfg.epochs} step {progress.step}: val PSNR {psnr:.3f} dB "
@@ -189,31 +192,48 @@ def save_and_report(w: Worker, parts, scheduler, progress, interval: Interval, f
 
     Periodic checkpoints are uploaded in the background (Ray Train's ASYNC mode: the step loop
     goes on while the files travel to the storage path; the local copy is deleted after the
-    upload); the last one (end of training, stop) waits for its upload. Backpressure: Ray's
-    uploads run one at a time and each waits for the controller to collect the previous
-    report, so when the previous local copy still exists (its upload is not done), this one
-    is uploaded in the foreground rather than queueing copies on the local disk."""
+    upload); the last one (end of training, stop) and one on Ray's preemption notice wait for
+    their upload. Either way the upload is :class:`~pipeline.train.upload.RetryingUpload`: a
+    storage outage is retried for up to ``upload_retry_s`` instead of failing the job.
+
+    While rank 0's previous background upload is still running (slow or retrying storage), a
+    periodic checkpoint is skipped rather than waited for: the step loop never stalls on the
+    storage, and the local disk never queues copies. Every rank agrees on the skip (one
+    all-reduce) and then none of them reports: Ray Train pairs the ranks' reports by their
+    count, so every rank must call ``ray.train.report`` the same number of times, and a
+    metrics-only report would wait in line behind the pending upload."""
     import ray.train
 
     from pipeline.train import checkpoint as ckpt_io
+    from pipeline.train.upload import RetryingUpload
 
     t0 = time.perf_counter()
+    must = final or interval.checkpoint_now
+    pending = w.rank == 0 and interval.upload is not None and not interval.upload.done.is_set()
+    if all_reduce_sum([float(pending)], w.device)[0] and not must:  # every rank agrees
+        if w.rank == 0:
+            failures = interval.upload.failures
+            doing = f"retrying (failed attempts: {failures})" if failures else "in progress"
+            say(f"warning: checkpoint at step {progress.step} skipped: the upload of step {interval.upload.step} "
+                f"is still {doing}")
+        interval.start += time.perf_counter() - t0
+        return
     states = gather_objects(ckpt_io.rng_state(w.device), w.world)
     report: dict[str, Any] = {"epoch": progress.epoch, "step": progress.step, "skipped_steps": progress.skipped_steps}
     if math.isfinite(progress.best_psnr):
         report["best/psnr"] = progress.best_psnr
-    checkpoint, directory = None, None
+    checkpoint, upload = None, None
     if w.rank == 0:
         directory = tempfile.mkdtemp(prefix="sr-ckpt-")
         ckpt_io.save(directory, parts.model, parts.optimizer, scheduler, progress, ema=parts.ema,
                      scaler=parts.scaler, rng=states, run_id=w.job.mlflow_run_id, config=to_plain(w.cfg))
         checkpoint = ray.train.Checkpoint.from_directory(directory)
-    pending = w.rank == 0 and interval.upload_dir is not None and os.path.exists(interval.upload_dir)
-    background = not final and all_reduce_sum([float(pending)], w.device)[0] == 0  # every rank agrees
-    mode = ray.train.CheckpointUploadMode.ASYNC if background else ray.train.CheckpointUploadMode.SYNC
+        upload = RetryingUpload(progress.step, w.cfg.upload_retry_s, w.cfg.upload_timeout_s, say)
+    mode = ray.train.CheckpointUploadMode.SYNC if must else ray.train.CheckpointUploadMode.ASYNC
     ray.train.report(report, checkpoint=checkpoint, checkpoint_upload_mode=mode,
-                     delete_local_checkpoint_after_upload=True)
-    interval.upload_dir = directory if w.rank == 0 and background else None
+                     delete_local_checkpoint_after_upload=True, checkpoint_upload_fn=upload)
+    if not must:
+        interval.upload = upload
     interval.last_checkpoint, interval.checkpoint_now = progress.step, False
     interval.start += time.perf_counter() - t0  # the interval's step time leaves checkpoints out
 

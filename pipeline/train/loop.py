@@ -19,7 +19,9 @@ stalls or corrupts a multi-node job:
   ``checkpoint_minutes`` of training, measured, see
   :func:`.intervals.decide_checkpoint_interval`), on a stop request or SIGTERM (then the job
   ends), on Ray's preemption notice (then training goes on), and at the end. Every rank calls
-  ``ray.train.report`` at each of them; uploads of periodic ones run in the background.
+  ``ray.train.report`` at each of them; uploads of periodic ones run in the background, and a
+  periodic checkpoint due while the previous upload is still running (or retrying a storage
+  outage) is skipped by every rank (see :func:`.intervals.save_and_report`).
 * **Exact resume**: a checkpoint holds model, optimizer, schedule, EMA, loss scaler, every
   rank's own RNG states and the step (the loader's position); the RNG states are put back
   after the setup has drawn what it draws, so the continuation is the uninterrupted run's, bit
@@ -163,7 +165,7 @@ class Interval:
     windows_timed: int = 0  # log intervals measured (the first one, warm-up, is not used)
     last_checkpoint: int = -1  # step of the last checkpoint written
     checkpoint_now: bool = False  # Ray announced a preemption: checkpoint at this step
-    upload_dir: str | None = None  # rank 0: local copy of the checkpoint uploading in the background
+    upload: Any = None  # rank 0: the RetryingUpload of the last checkpoint uploaded in the background
     last_print: float = 0.0
 
 
@@ -235,7 +237,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if subset_due or full_due:
             validate_and_track(w, parts, plan, progress, interval, log, subset_due, full_due)
         if leaving == "stop" or checkpoint_due(w, progress, interval):
-            save_and_report(w, parts, scheduler, progress, interval, final=leaving == "stop")
+            save_and_report(w, parts, scheduler, progress, interval,
+                            final=leaving == "stop" or progress.step >= w.total_steps)
 
     if progress.step >= w.total_steps and interval.last_checkpoint != progress.step and leaving is None:
         save_and_report(w, parts, scheduler, progress, interval, final=True)
