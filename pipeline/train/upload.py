@@ -64,7 +64,7 @@ class RetryingUpload:
             storage = ray.train.get_context().get_storage()  # DeveloperAPI: filesystem + paths
         self.fs = storage.storage_filesystem
         self.base = storage.experiment_fs_path
-        self.writer = impatient(self.fs, timeout_s)
+        self.timeout_s = timeout_s
         self.step, self.retry_s, self.say = step, retry_s, say
         self.failures = 0
         self.done = threading.Event()  # set once the files are all in place
@@ -111,7 +111,7 @@ class RetryingUpload:
         """One attempt from a clean destination (what a failed attempt left is deleted first)."""
         import pyarrow.fs as pafs
 
-        fs = self.writer
+        fs = impatient(self.fs, self.timeout_s)  # here, on the upload thread: making it may wait on the store
         if fs.get_file_info(dest).type != pafs.FileType.NotFound:
             fs.delete_dir(dest)
         fs.create_dir(dest, recursive=True)
@@ -121,13 +121,26 @@ class RetryingUpload:
                         use_threads=False)
 
 
+_IMPATIENT: dict[tuple[int, float], Any] = {}  # (id of Ray's filesystem, timeout) -> our copy of it
+_IMPATIENT_LOCK = threading.Lock()
+
+
 def impatient(fs, timeout_s: float):
-    """`fs` with bounded requests when it is S3 (see the module docstring); others as they are."""
+    """`fs` with bounded requests when it is S3 (see the module docstring); others as they are.
+
+    Made once per run and filesystem, and never on the training thread: constructing an S3
+    filesystem talks to the store (measured: it waited on a frozen store until the test gave up),
+    so the step loop must not do it."""
     import pyarrow.fs as pafs
 
     if not isinstance(fs, pafs.S3FileSystem):
         return fs
-    rebuild, (options,) = fs.__reduce__()  # the options it was made with (credentials: same source)
-    options.update(connect_timeout=timeout_s, request_timeout=timeout_s, background_writes=False,
-                   retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
-    return rebuild(options)
+    key = (id(fs), timeout_s)
+    with _IMPATIENT_LOCK:
+        made = _IMPATIENT.get(key)
+        if made is None or made[0] is not fs:
+            rebuild, (options,) = fs.__reduce__()  # the options it was made with (credentials: same source)
+            options.update(connect_timeout=timeout_s, request_timeout=timeout_s, background_writes=False,
+                           retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=3))
+            made = _IMPATIENT[key] = (fs, rebuild(options))
+        return made[1]
