@@ -8,6 +8,7 @@ partial file under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -162,38 +164,47 @@ def read_image(path: str | Path, keep_gray: bool = False) -> tuple[np.ndarray, s
     says what was converted, if anything. 16-bit samples (grey or colour) become
     round(v * 255 / 65535); float and 32-bit/signed integer images are refused (one line).
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     p = Path(path)
     if not p.exists():
         raise UserError(f"{p}: file not found")
     if p.is_dir():
         raise UserError(f"{p}: is a directory, not an image")
+    with decode_errors(p), Image.open(p) as img:
+        rawmode = _rawmode(img)
+        wide = ";16" in (rawmode or "") or _ppm_maxval(img) > 255
+        img.load()
+        if keep_gray and img.mode == "L":
+            return np.asarray(img, dtype=np.uint8).copy(), None
+        if keep_gray and (img.mode == "I" or img.mode.startswith("I;16")):
+            return _grey16(img, p, rawmode), f"16-bit grey ({rawmode or img.mode}) converted to 8-bit"
+        low_rawmode = _low_byte_rawmode(rawmode) if img.mode in ("RGB", "RGBA") else None
+        if low_rawmode is not None:
+            exact = _exact_wide_rgb(p, np.asarray(img, dtype=np.uint8), low_rawmode)
+            if exact is not None:
+                return exact, f"16-bit {img.mode} ({rawmode}) converted to 8-bit RGB"
+        array, note = to_uint8_rgb(img, p, rawmode)
+        if wide and note is None:
+            kept = " (high byte of each sample kept)" if low_rawmode is not None else ""
+            note = f"16-bit {img.mode} converted to 8-bit RGB{kept}"
+        return array, note
+
+
+@contextlib.contextmanager
+def decode_errors(path: Path | str, corrupt: str = "corrupt or truncated image") -> Iterator[None]:
+    """PIL's failures while opening or decoding `path` as one line each (UserError): not an
+    image, too large (decompression-bomb guard), or `corrupt` with PIL's reason."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with Image.open(p) as img:
-            rawmode = _rawmode(img)
-            wide = ";16" in (rawmode or "") or _ppm_maxval(img) > 255
-            img.load()
-            if keep_gray and img.mode == "L":
-                return np.asarray(img, dtype=np.uint8).copy(), None
-            if keep_gray and (img.mode == "I" or img.mode.startswith("I;16")):
-                return _grey16(img, p, rawmode), f"16-bit grey ({rawmode or img.mode}) converted to 8-bit"
-            low_rawmode = _low_byte_rawmode(rawmode) if img.mode in ("RGB", "RGBA") else None
-            if low_rawmode is not None:
-                exact = _exact_wide_rgb(p, np.asarray(img, dtype=np.uint8), low_rawmode)
-                if exact is not None:
-                    return exact, f"16-bit {img.mode} ({rawmode}) converted to 8-bit RGB"
-            array, note = to_uint8_rgb(img, p, rawmode)
-            if wide and note is None:
-                kept = " (high byte of each sample kept)" if low_rawmode is not None else ""
-                note = f"16-bit {img.mode} converted to 8-bit RGB{kept}"
-            return array, note
+        yield
     except UnidentifiedImageError:
-        raise UserError(f"{p}: not an image file (or an unsupported format)") from None
-    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for truncated/corrupt data
-        raise UserError(f"{p}: corrupt or truncated image ({' '.join(str(exc).split())})") from None
+        raise UserError(f"{path}: not an image file (or an unsupported format)") from None
     except Image.DecompressionBombError as exc:
-        raise UserError(f"{p}: refused, image too large ({exc})") from None
+        raise UserError(f"{path}: refused, image too large ({exc})") from None
+    except (OSError, SyntaxError, ValueError) as exc:  # PIL raises these for truncated/corrupt data
+        raise UserError(f"{path}: {corrupt} ({' '.join(str(exc).split())})") from None
 
 
 def encode_png(array: np.ndarray, compress_level: int = 1) -> bytes:

@@ -137,19 +137,14 @@ def benchmark_files(bench: Benchmark, max_images: int = 0) -> list[Path]:
 
 def image_size(path: Path) -> tuple[int, int]:
     """``(width, height)`` from the file header; the pixels are not decoded (fast for any size)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    try:
-        with Image.open(path) as img:
-            return img.size
-    except FileNotFoundError:
-        raise UserError(f"{path}: file not found") from None
-    except UnidentifiedImageError:
-        raise UserError(f"{path}: not an image file (or an unsupported format)") from None
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{path}: refused, image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: corrupt image header ({' '.join(str(exc).split())})") from None
+    from pipeline.imageio import decode_errors
+
+    if not Path(path).exists():
+        raise UserError(f"{path}: file not found")
+    with decode_errors(path, corrupt="corrupt image header"), Image.open(path) as img:
+        return img.size
 
 
 def min_hr_side(scale: int) -> int:

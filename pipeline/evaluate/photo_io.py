@@ -158,9 +158,9 @@ def _decode(img, path: Path, rawmode: str | None, keep_16bit: bool, icc: bytes |
 
 def read_photo(path: Path, keep_16bit: bool = False) -> Photo:
     """Decode fully (truncation is detected here), oriented for display; one-line errors."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    from pipeline.imageio import _rawmode
+    from pipeline.imageio import _rawmode, decode_errors
 
     p = Path(path)
     if not p.exists():
@@ -168,19 +168,12 @@ def read_photo(path: Path, keep_16bit: bool = False) -> Photo:
     if p.is_dir():
         raise UserError(f"{p}: is a directory, not an image")
     state: dict = {}
-    try:
-        with _exif_warnings(p, state), Image.open(p) as img:
-            rawmode = _rawmode(img)
-            img.load()
-            icc = img.info.get("icc_profile") or None
-            orientation = _orientation(img, p)
-            pixels, alpha, icc, notes = _decode(img, p, rawmode, keep_16bit, icc)
-    except UnidentifiedImageError:
-        raise UserError(f"{p}: not an image file (or an unsupported format)") from None
-    except Image.DecompressionBombError as exc:
-        raise UserError(f"{p}: refused, image too large ({exc})") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{p}: corrupt or truncated image ({' '.join(str(exc).split())})") from None
+    with decode_errors(p), _exif_warnings(p, state), Image.open(p) as img:
+        rawmode = _rawmode(img)
+        img.load()
+        icc = img.info.get("icc_profile") or None
+        orientation = _orientation(img, p)
+        pixels, alpha, icc, notes = _decode(img, p, rawmode, keep_16bit, icc)
     if state.get("exif_bad"):
         orientation = 1
     pixels = orient(pixels, orientation)
