@@ -99,10 +99,9 @@ def scaling_config(cfg: TrainConfig, use_gpu: bool, resources: dict[str, float])
     """Ray Train's ScalingConfig; an elastic group checks for room to grow every ``elastic_check_s``."""
     from ray.train import ScalingConfig
 
-    extra = {}
-    if isinstance(workers_spec(cfg), tuple):
-        extra["elastic_resize_monitor_interval_s"] = float(cfg.elastic_check_s)
-    return ScalingConfig(num_workers=workers_spec(cfg), use_gpu=use_gpu, resources_per_worker=resources, **extra)
+    workers = workers_spec(cfg)
+    extra = {"elastic_resize_monitor_interval_s": float(cfg.elastic_check_s)} if isinstance(workers, tuple) else {}
+    return ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources, **extra)
 
 
 def workers_spec(cfg: TrainConfig) -> int | tuple[int, int]:
